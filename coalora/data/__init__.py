@@ -1,0 +1,1 @@
+"""Data: the embedded offline world and the real Hugging Face loaders, both writing one layout (layout.py)."""

@@ -1,0 +1,245 @@
+"""params.yaml: the single source of parameters, validated when loaded.
+
+One section per stage plus shared sections. A *profile* (``profiles/<name>.yaml``) is a partial overlay
+in the same schema, merged over params.yaml before validation; ``smoke`` is the small-size profile for
+tests and quick tries. Every error names the key path (``train.lr``) and what is allowed, and nothing is
+written before params validate.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from coalora.errors import ParamsError
+
+BENCHMARKS = ("boolq", "arc_easy", "arc_challenge", "winogrande")
+BUILTIN_MODEL = "builtin"
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys and silent type coercion are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class WorldParams(Section):
+    """The embedded world (DESIGN.md "The embedded default"): sizes of what the generator writes."""
+
+    n_entities: int = Field(ge=8, le=5000)
+    n_train_docs: int = Field(ge=10)
+    n_validation_docs: int = Field(ge=5)
+    n_instructions: int = Field(ge=10)
+    n_items: int = Field(ge=8, description="items per benchmark evaluation split")
+
+
+class HubDataset(Section):
+    """One dataset on the Hugging Face hub, loaded with ``datasets.load_dataset``."""
+
+    path: str
+    name: str | None
+    split: str
+    data_files: str | None
+    max_examples: int | None = Field(ge=1)
+
+
+class DataParams(Section):
+    """Where the text and benchmarks come from: the embedded world or the hub."""
+
+    source: Literal["embedded", "hub"]
+    c4_train: HubDataset
+    c4_validation: HubDataset
+    instruct: HubDataset
+    boolq: HubDataset
+    arc_easy: HubDataset
+    arc_challenge: HubDataset
+    winogrande: HubDataset
+
+
+class BuiltinModelParams(Section):
+    """The built-in default: a byte-level BPE tokenizer and a small Llama pretrained on the world's text."""
+
+    vocab_size: int = Field(ge=300, le=65536)
+    hidden_size: int = Field(ge=16)
+    intermediate_size: int = Field(ge=16)
+    num_layers: int = Field(ge=1, le=64)
+    num_heads: int = Field(ge=1)
+    num_kv_heads: int = Field(ge=1)
+    seq_len: int = Field(ge=16, le=4096)
+    batch_size: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0, le=1)
+    warmup_steps: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "BuiltinModelParams":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
+class ModelParams(Section):
+    """The base model: ``builtin``, a hub id (``Qwen/Qwen2.5-1.5B``) or a local Hugging Face folder."""
+
+    name_or_path: str = Field(min_length=1)
+    revision: str | None
+    dtype: Literal["float32", "bfloat16", "float16"]
+    builtin: BuiltinModelParams
+
+
+class PerplexityParams(Section):
+    """Perplexity protocol ``nonoverlap``: the validation text is tokenised, concatenated with EOS between
+    documents, cut into non-overlapping windows of ``seq_len`` tokens, and the first ``max_windows`` scored."""
+
+    seq_len: int = Field(ge=8)
+    max_windows: int = Field(ge=1)
+
+
+class EvalParams(Section):
+    """Shared evaluation protocol: benchmarks through lm-eval's own task definitions, and perplexity."""
+
+    tasks: list[Literal["boolq", "arc_easy", "arc_challenge", "winogrande"]] = Field(min_length=1)
+    limit: int | None = Field(ge=1, description="items per task (None: all)")
+    batch_size: int = Field(ge=1)
+    perplexity: PerplexityParams
+
+
+class QuantParams(Section):
+    """Which linear layers are quantized (and carry LoRA): peft-style ``target_modules`` name patterns,
+    matched against module names inside the transformer blocks."""
+
+    target_modules: list[str] = Field(min_length=1)
+
+
+class CalibrateParams(Section):
+    """Base quantization calibration: empirical Fisher diagonals and the per-(layer, spec) cost table."""
+
+    n_sequences: int = Field(ge=1)
+    seq_len: int = Field(ge=8)
+    batch_size: int = Field(ge=1)
+    weighting: Literal["fisher", "squared"]
+
+
+class AllocateParams(Section):
+    """Budgeted integer programs (METHOD.md §5): the initial pool and the held-out configurations."""
+
+    budget_min: float = Field(ge=2.0322, le=8.625)
+    budget_max: float = Field(ge=2.0322, le=8.625)
+    grid_size: int = Field(ge=2, description="budgets on the grid; every other one goes to the pool")
+    n_random_heldout: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AllocateParams":
+        if self.budget_min >= self.budget_max:
+            raise ValueError(f"budget_min ({self.budget_min}) must be below budget_max ({self.budget_max})")
+        return self
+
+
+class Params(Section):
+    """The whole of params.yaml. No key has a default in code: params.yaml is the single source."""
+
+    seed: int = Field(ge=0)
+    world: WorldParams
+    data: DataParams
+    model: ModelParams
+    eval: EvalParams
+    quant: QuantParams
+    calibrate: CalibrateParams
+    allocate: AllocateParams
+
+    def sections(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The JSON-able values of the named top-level sections (what a stage's cache key hashes)."""
+        dumped = self.model_dump(mode="json")
+        return {name: dumped[name] for name in names}
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base``, recursively for nested mappings; lists and scalars are replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _describe(error: dict) -> str:
+    """One pydantic error as ``key.path: what is allowed (got X)``."""
+    path = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-after"))
+    if error["type"] == "extra_forbidden":
+        parent = ".".join(path.split(".")[:-1])
+        return f"{path}: unknown key{' in ' + parent if parent else ''}"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{path}: {error['msg']}{shown}"
+
+
+def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def validate(raw: dict, source: str = "params.yaml") -> Params:
+    """Validate a raw mapping; raise ParamsError listing every bad key path and what is allowed."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            line = _describe(error)
+            if error["type"] == "extra_forbidden":
+                allowed = _allowed_keys(Params, [str(p) for p in error["loc"][:-1]])
+                line += f"; allowed: {', '.join(allowed)}"
+            lines.append(f"{source}: {line}")
+        raise ParamsError("\n".join(lines)) from None
+
+
+def profile_path(root: Path, profile: str) -> Path:
+    return root / "profiles" / f"{profile}.yaml"
+
+
+def load_params(root: Path | str = ".", profile: str | None = None) -> Params:
+    """Load ``root/params.yaml``, overlay ``root/profiles/<profile>.yaml`` when a profile is given (or
+    ``COALORA_PROFILE`` is set), and validate."""
+    root = Path(root)
+    profile = profile if profile is not None else os.environ.get("COALORA_PROFILE") or None
+    raw = _read_yaml(root / "params.yaml")
+    source = "params.yaml"
+    if profile:
+        overlay_path = profile_path(root, profile)
+        if not overlay_path.is_file():
+            available = sorted(p.stem for p in (root / "profiles").glob("*.yaml"))
+            raise ParamsError(f"profile: unknown profile {profile!r}; available: {', '.join(available) or 'none'}")
+        raw = deep_merge(raw, _read_yaml(overlay_path))
+        source = f"params.yaml + profiles/{profile}.yaml"
+    return validate(raw, source)
+
+
+def dump_params(params: Params) -> str:
+    """The resolved params as YAML (``coalora params`` prints this; it can be saved as a params.yaml)."""
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

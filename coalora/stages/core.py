@@ -1,0 +1,164 @@
+"""The stage mechanism: a stage is a function ``fn(params, ctx) -> summary`` plus its declarations.
+
+A stage reads only its declared params sections and the outputs of its declared upstream stages, writes
+only into ``ctx.out`` (a temporary folder that atomically becomes ``artifacts/<name>/``), and returns a
+small JSON-able summary. DVC (``dvc.yaml``) and Prefect (``tasks/``) both run stages through
+:func:`run_stage`; neither holds any stage logic.
+
+The cache key of a stage is what DVC hashes too: the values of its params sections, the digests of its
+input artifacts and the digest of its code. A changed parameter therefore re-runs exactly the stages that
+read it, and their downstream stages through the changed input digests.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import coalora
+from coalora.artifacts import (RECORD, atomic_folder, content_id, folder_digest, read_json, sha256_file,
+                               verify_manifest, write_json)
+from coalora.errors import ArtifactError
+from coalora.params import Params
+
+log = logging.getLogger("coalora.stages")
+
+ARTIFACTS = "artifacts"
+WORK = ".work"
+SOURCE_ROOT = Path(coalora.__file__).resolve().parent.parent
+
+
+@dataclass
+class StageContext:
+    """What a running stage may touch.
+
+    Attributes:
+        root: the project root (params.yaml lives here).
+        out: the temporary output folder; it becomes ``artifacts/<name>/`` when the stage returns.
+        work: ``artifacts/.work/<name>/``, kept across failed attempts (checkpoints of long stages); removed
+            after success.
+        inputs: upstream stage name → its verified output folder.
+        progress: show progress bars.
+    """
+
+    root: Path
+    out: Path
+    work: Path
+    inputs: dict[str, Path]
+    progress: bool = True
+
+    def input(self, name: str) -> Path:
+        if name not in self.inputs:
+            raise KeyError(f"stage did not declare {name!r} as an input; declared: {sorted(self.inputs)}")
+        return self.inputs[name]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declarations: the single source DVC and Prefect both read.
+
+    Attributes:
+        name: the stage name (``coalora stage NAME``, ``artifacts/NAME``).
+        fn: ``fn(params, ctx) -> summary``.
+        params: top-level params.yaml sections the stage reads.
+        deps: upstream stages whose output folders it reads.
+        code: source paths (relative to the repository root) whose content is part of the key.
+        metrics: JSON files inside the output folder for ``dvc metrics show``.
+        plots: CSV/JSON files inside the output folder for ``dvc plots show``.
+        description: one line for ``coalora stages`` and dvc.yaml.
+    """
+
+    name: str
+    fn: Callable[[Params, StageContext], dict]
+    params: tuple[str, ...]
+    deps: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    plots: tuple[str, ...] = ()
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def out_dir(self, root: Path) -> Path:
+        return Path(root) / ARTIFACTS / self.name
+
+    def work_dir(self, root: Path) -> Path:
+        return Path(root) / ARTIFACTS / WORK / self.name
+
+
+def code_digest(paths: tuple[str, ...]) -> str:
+    """sha256 over the sorted (path, content digest) of every ``.py`` file under the given source paths."""
+    entries = []
+    for rel in paths:
+        base = SOURCE_ROOT / rel
+        files = [base] if base.is_file() else sorted(base.rglob("*.py"))
+        entries += [(p.relative_to(SOURCE_ROOT).as_posix(), sha256_file(p)) for p in files]
+    return content_id(sorted(entries), length=64)
+
+
+def input_folders(stage: Stage, root: Path) -> dict[str, Path]:
+    """The verified output folders of the stage's upstream stages; ArtifactError when one is unusable."""
+    folders = {}
+    for dep in stage.deps:
+        folder = Path(root) / ARTIFACTS / dep
+        problem = verify_manifest(folder)
+        if problem:
+            raise ArtifactError(f"stage {stage.name} needs the output of stage {dep}: {problem}; "
+                                f"run `coalora stage {dep}` (or `coalora run`) first")
+        folders[dep] = folder
+    return folders
+
+
+def stage_key(stage: Stage, params: Params, root: Path) -> str:
+    """The cache key: params sections + input artifact digests + code digest (+ the library version)."""
+    inputs = {dep: folder_digest(path) for dep, path in input_folders(stage, root).items()}
+    return content_id({
+        "stage": stage.name,
+        "params": params.sections(stage.params),
+        "inputs": inputs,
+        "code": code_digest(stage.code),
+        "version": coalora.__version__,
+    }, length=64)
+
+
+def fresh_summary(stage: Stage, params: Params, root: Path) -> dict | None:
+    """The saved summary when the stage's output is intact and was built under the current key."""
+    out = stage.out_dir(root)
+    if verify_manifest(out) is not None:
+        return None
+    record = read_json(out / RECORD)
+    if record.get("key") != stage_key(stage, params, root):
+        return None
+    return record["summary"]
+
+
+def run_stage(stage: Stage, params: Params, root: Path | str, *, force: bool = False,
+              progress: bool = True) -> dict:
+    """Run one stage (or return its saved summary when its output is fresh and ``force`` is False).
+
+    A corrupt or foreign output folder fails verification and is rebuilt, never used.
+    """
+    root = Path(root)
+    if not force and (summary := fresh_summary(stage, params, root)) is not None:
+        log.info("stage %s: up to date", stage.name)
+        return summary
+    problem = verify_manifest(stage.out_dir(root))
+    if stage.out_dir(root).exists() and problem:
+        log.warning("stage %s: rebuilding: %s", stage.name, problem)
+    key = stage_key(stage, params, root)
+    inputs = input_folders(stage, root)
+    work = stage.work_dir(root)
+    work.mkdir(parents=True, exist_ok=True)
+    log.info("stage %s: running", stage.name)
+    started = time.perf_counter()
+    with atomic_folder(stage.out_dir(root)) as tmp:
+        ctx = StageContext(root=root, out=tmp, work=work, inputs=inputs, progress=progress)
+        summary = stage.fn(params, ctx)
+        summary = {**summary, "seconds": round(time.perf_counter() - started, 2)}
+        write_json(tmp / RECORD, {"stage": stage.name, "key": key, "summary": summary})
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("stage %s: done in %.1f s", stage.name, summary["seconds"])
+    return summary

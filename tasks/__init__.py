@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over ``coalora.stages`` (cache key, retries, logging). No ML logic."""
