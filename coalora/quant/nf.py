@@ -1,0 +1,86 @@
+"""NormalFloat-k (NF-k) levels and the nearest-level search (METHOD.md §2).
+
+NF-k levels, with δ = 0.9677083 and Φ⁻¹ the inverse standard normal CDF:
+
+    p_neg = linspace(1 − δ, 0.5, 2^(k−1))          # 2^(k−1) points, the last one is 0.5
+    p_pos = linspace(0.5, δ, 2^(k−1) + 1)          # 2^(k−1) + 1 points, the first one is 0.5
+    levels = Φ⁻¹(p_neg ∪ p_pos without the duplicate 0.5) / Φ⁻¹(δ)
+
+so there are 2^k levels, ascending, spanning exactly −1 … +1, with 0 among them (2^(k−1) − 1 negative
+and 2^(k−1) positive levels). k = 4 gives the 16 NF4 levels of QLoRA/bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+NF_DELTA = 0.9677083
+"""The NF4 constant δ: the outermost quantile, mapped to ±1."""
+
+
+@functools.lru_cache(maxsize=None)
+def _nf_levels_f64(k: int) -> torch.Tensor:
+    # Computed once in float64 on the CPU, so every device and dtype gets the same numbers.
+    half = 2 ** (k - 1)
+    p_neg = torch.linspace(1 - NF_DELTA, 0.5, half, dtype=torch.float64)  # (2^(k-1),)
+    p_pos = torch.linspace(0.5, NF_DELTA, half + 1, dtype=torch.float64)  # (2^(k-1)+1,)
+    p = torch.cat([p_neg, p_pos[1:]])  # (2^k,), the duplicate 0.5 dropped
+    levels = torch.special.ndtri(p) / torch.special.ndtri(torch.tensor(NF_DELTA, dtype=torch.float64))
+    # ndtri(1−δ) = −ndtri(δ) and ndtri(0.5) = 0 hold only to rounding; pin the ends and zero exactly.
+    levels[0], levels[half - 1], levels[-1] = -1.0, 0.0, 1.0
+    return levels
+
+
+@functools.lru_cache(maxsize=None)
+def _nf_tables(k: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    levels = _nf_levels_f64(k).to(dtype)  # (2^k,)
+    # Exact midpoints of the ROUNDED levels (exact in float64 for 32/16-bit levels), then rounded DOWN
+    # to the dtype: with x ≤ mid → lower level, every representable x then goes to its truly nearest
+    # level, and only an exact tie goes to the lower one. Built on the CPU: identical on every device.
+    exact = (levels[:-1].double() + levels[1:].double()) / 2  # (2^k − 1,)
+    mids = exact.to(dtype)
+    mids = torch.where(mids.double() > exact, torch.nextafter(mids, torch.full_like(mids, -float("inf"))), mids)
+    return levels.to(device), mids.to(device)
+
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= 8:
+        raise ValueError(f"NF bits k must be an int in 2..8, got {k!r}")
+
+
+def nf_levels(k: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 2^k NF-k levels, ascending, shape ``(2^k,)``; cached per (k, dtype, device).
+
+    Args:
+        k: bits per code, 2..8 (specs use 2, 3, 4, 8).
+        dtype: floating dtype of the returned table.
+        device: device of the returned table (default CPU).
+
+    Returns:
+        A read-only-by-convention cached tensor: clone it before modifying.
+    """
+    _check_k(k)
+    return _nf_tables(k, dtype, torch.device(device if device is not None else "cpu"))[0]
+
+
+def nf_midpoints(k: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """Decision boundaries ``(l_i + l_{i+1}) / 2`` between adjacent NF-k levels, shape ``(2^k − 1,)``.
+
+    Each is the exact midpoint of the two ``dtype`` levels rounded toward −∞ to ``dtype``.
+    """
+    _check_k(k)
+    return _nf_tables(k, dtype, torch.device(device if device is not None else "cpu"))[1]
+
+
+def nearest_level_index(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Index of the NF-k level nearest to each element of ``x`` (float32), as int32, same shape.
+
+    A binary search against the 2^k − 1 midpoints (``torch.bucketize``): O(n log L) time, no (n, L)
+    temporary. Index i satisfies mid[i−1] < x ≤ mid[i] (``right=False``); the midpoints are rounded
+    down (see ``_nf_tables``), so the result is the exactly nearest level and a tie (x equidistant from
+    two levels) goes to the LOWER level. Values beyond ±1 map to the end levels.
+    """
+    mids = nf_midpoints(k, torch.float32, x.device)
+    return torch.bucketize(x, mids, out_int32=True, right=False)
