@@ -106,3 +106,12 @@ def test_dvc_yaml_matches_stage_declarations(repo_root):
         assert entry["deps"] == [f"artifacts/{d}" for d in stage.deps] + list(stage.code)
         for path in stage.code:
             assert (repo_root / path).exists(), f"stage {name} declares missing code path {path}"
+
+
+def test_atomic_writes_have_ordinary_permissions(tmp_path):
+    import os
+
+    write_json(tmp_path / "x.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask

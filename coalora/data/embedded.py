@@ -1,0 +1,49 @@
+"""Write the embedded world's data in the data stage's layout (layout.py), plus ``world.json``.
+
+Everything is a deterministic function of ``params.seed`` and ``params.world``: the same params write the
+same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coalora.artifacts import write_json, write_jsonl
+from coalora.data.benchmarks import benchmark_items
+from coalora.data.corpus import instructions, text_splits
+from coalora.data.layout import data_file
+from coalora.data.summary import summarize
+from coalora.data.world import World, generate_world
+from coalora.params import Params
+
+WORLD_FILE = "world.json"
+
+
+def build_embedded(seed: int, n_entities: int, n_train_docs: int, n_validation_docs: int,
+                   n_instructions: int, n_items: int) -> tuple[World, dict[str, list[dict]]]:
+    """The world and every layout file's rows (key → rows), in memory."""
+    world = generate_world(seed, n_entities)
+    train, validation = text_splits(world, n_train_docs, n_validation_docs, seed)
+    rows = {"c4_train": train, "c4_validation": validation, "instruct": instructions(world, n_instructions, seed)}
+    rows |= {key: [item.row for item in items] for key, items in benchmark_items(world, n_items, seed).items()}
+    return world, rows
+
+
+def write_embedded(params: Params, out: Path) -> dict:
+    """Generate the world of ``params.seed``/``params.world`` and write the layout's files under ``out``.
+
+    Returns:
+        the summary: ``source``, ``files`` (relative path → rows), ``labels`` (per benchmark, label →
+        count), ``words`` (text splits) and ``world`` (entities, kinds, places, facts).
+    """
+    out = Path(out)
+    w = params.world
+    world, rows = build_embedded(params.seed, w.n_entities, w.n_train_docs, w.n_validation_docs,
+                                 w.n_instructions, w.n_items)
+    for key, key_rows in rows.items():
+        write_jsonl(data_file(out, key), key_rows)
+    write_json(out / WORLD_FILE, world.to_dict())
+    summary = {"source": "embedded", **summarize(rows)}
+    summary["world"] = {"entities": len(world.entities), "kinds": len(world.kinds),
+                        "places": len(world.values["home"]), "facts": len(world.facts())}
+    return summary
