@@ -88,6 +88,28 @@ def cmd_dvc_yaml(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    params = _params(args)  # validate before anything is imported or written
+    if (args.budget is None) == (args.config is None):
+        raise UserError("adapt: give exactly one of --budget BITS or --config FILE")
+    from coalora.env import configure
+
+    configure(args.root)
+    from coalora.adapt import adapt
+
+    s = adapt(args.root, params, args.out, budget=args.budget, config_path=args.config)
+    t = s["seconds"]
+    budget = f" (budget {s['budget']})" if s["budget"] is not None else ""
+    print(f"config  {s['config_id']}: {s['bits']:.4f} bits{budget}, exact {s['exact_bits']:.4f}, {s['layers']} "
+          f"quantized layers (embeddings, norms, head not counted)")
+    print(f"model   {s['model']}  (packed weights {s['packed_bytes'] / 2**20:.2f} MiB)")
+    print(f"adapter {s['adapter']}  (peft LoRA r={s['rank']}, alpha={s['alpha']:g}"
+          f"{', θ folded in' if s['confignet'] else ''})")
+    print(f"time    load {t['load']:.3f} s, allocate {t['allocate']:.3f} s, quantize {t['quantize']:.3f} s, "
+          f"fold {t['fold']:.3f} s, write {t['write']:.3f} s; total {t['total']:.3f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coalora", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project folder holding params.yaml (default: .)")
@@ -107,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline as a Prefect flow (cached, resumable)")
     run.add_argument("--stages", default=None, help="comma-separated subset, in pipeline order")
     run.set_defaults(fn=cmd_run)
+
+    adapt = sub.add_parser("adapt", help="a quantized model + peft adapter (θ folded in) for a budget or config")
+    adapt.add_argument("--budget", type=float, default=None, help="average bits over the quantized layers")
+    adapt.add_argument("--config", type=Path, default=None, help="a config JSON file instead of --budget")
+    adapt.add_argument("--out", type=Path, required=True, help="output folder (gets model/ and adapter/)")
+    adapt.set_defaults(fn=cmd_adapt)
 
     dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations")
     dvc.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml has drifted")

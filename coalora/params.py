@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from coalora.errors import ParamsError
 
@@ -128,19 +128,96 @@ class CalibrateParams(Section):
     weighting: Literal["fisher", "squared"]
 
 
-class AllocateParams(Section):
-    """Budgeted integer programs (METHOD.md §5): the initial pool and the held-out configurations."""
+# The cheapest and richest specs' bits per parameter: 2 + 2/64 + 16/(64·256) and 8 + 8/16 + 32/(16·16).
+MIN_BITS, MAX_BITS = 2.0322265625, 8.625
 
-    budget_min: float = Field(ge=2.0322, le=8.625)
-    budget_max: float = Field(ge=2.0322, le=8.625)
+
+class AllocateParams(Section):
+    """Budgeted integer programs (METHOD.md §5): the initial pool and the held-out configurations.
+
+    Budgets are average bits over the quantized layers. ``random_tolerance``: a random held-out config is
+    repaired to lie within this many bits under its budget (never over it).
+    """
+
+    budget_min: float = Field(ge=MIN_BITS, le=MAX_BITS)
+    budget_max: float = Field(ge=MIN_BITS, le=MAX_BITS)
     grid_size: int = Field(ge=2, description="budgets on the grid; every other one goes to the pool")
     n_random_heldout: int = Field(ge=0)
+    random_tolerance: float = Field(gt=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> "AllocateParams":
         if self.budget_min >= self.budget_max:
             raise ValueError(f"budget_min ({self.budget_min}) must be below budget_max ({self.budget_max})")
         return self
+
+
+class ConfigNetParams(Section):
+    """θ, the configuration-aware network (METHOD.md §3): seven embeddings of width ``embed_dim`` →
+    LayerNorm → Linear(7·embed_dim → hidden) → SiLU → Linear(hidden → r·r); last layer init N(0, init_std)."""
+
+    embed_dim: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    init_std: float = Field(ge=0)
+
+
+class LoraParams(Section):
+    """The LoRA adapter shared by every configuration: ΔW = (alpha/rank)·B·U·A, and the cache of quantized
+    weights that makes switching configuration cheap (bounded to ``cache_mb`` megabytes)."""
+
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    confignet: ConfigNetParams
+    cache_mb: int = Field(ge=0)
+
+
+# The training methods (METHOD.md §4, §6); coalora.train.methods holds one table row per name.
+TRAIN_METHODS = ("coalora", "qlora", "lqlora", "shared", "qlora-bnb")
+
+
+class TrainParams(Section):
+    """Configuration-aware training and the baselines, all at the same target configs (METHOD.md §4, §6).
+
+    The **target set**: for each value of ``target_bits`` the pool config nearest to it; every method is
+    trained for (and later evaluated at) exactly these configs. Step budget: a per-config method (qlora,
+    lqlora, qlora-bnb) trains ``steps_per_config`` steps for each target; coalora and shared train
+    ``joint_steps`` steps in all, and ``joint_steps: null`` means ``steps_per_config × len(targets)``, the
+    cost of ONE per-config method over the whole target set. ``k``: configs per coalora step, their losses
+    summed. ``data``: ``text`` (LM loss on the C4-schema text) or ``instruct`` (loss on response tokens
+    only). ``eval_sequences``: held-out sequences of the fixed batch scored before and after training.
+    """
+
+    methods: list[Literal[TRAIN_METHODS]] = Field(min_length=1)
+    target_bits: list[float] = Field(min_length=1)
+    k: int = Field(ge=1)
+    steps_per_config: int = Field(ge=1)
+    joint_steps: int | None = Field(ge=1)
+    lr: float = Field(gt=0, le=1)
+    grad_clip: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    seq_len: int = Field(ge=8, le=8192)
+    dtype: Literal["float32", "bfloat16"]
+    data: Literal["text", "instruct"]
+    eval_sequences: int = Field(ge=1)
+    checkpoint_every: int = Field(ge=1)
+
+    @field_validator("target_bits")
+    @classmethod
+    def _bits_in_range(cls, bits: list[float]) -> list[float]:
+        bad = [b for b in bits if not MIN_BITS <= b <= MAX_BITS]
+        if bad:
+            raise ValueError(f"{bad} out of range; allowed: {MIN_BITS} to {MAX_BITS} bits")
+        if len(set(bits)) != len(bits):
+            raise ValueError(f"{bits} repeats a value; each target must be distinct")
+        return bits
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"{methods} repeats a method")
+        return methods
 
 
 class Params(Section):
@@ -154,6 +231,8 @@ class Params(Section):
     quant: QuantParams
     calibrate: CalibrateParams
     allocate: AllocateParams
+    lora: LoraParams
+    train: TrainParams
 
     def sections(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The JSON-able values of the named top-level sections (what a stage's cache key hashes)."""

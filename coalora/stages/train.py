@@ -1,0 +1,228 @@
+"""Stage ``train``: CoA-LoRA and the baselines, each trained for the same target configs (METHOD.md §4, §6).
+
+Reads the base model (``base_model``), the fine-tuning data (``data``) and the pool (``allocate``); for each
+method of ``train.methods`` (the table in ``coalora.train.methods``) writes
+
+    <method>/adapter.safetensors              joint methods (coalora, shared): the one adapter (+ θ)
+    <method>/<config id>/adapter.safetensors  per-config methods (qlora, lqlora, qlora-bnb): one per config
+    <method>/train.json                       steps, seconds, losses, configs, K, target bits, budget
+    <method>/loss.csv                         step, run, loss (per-config runs follow each other)
+    targets.json                              the target set: id, bits, target bits
+    metrics.json                              flat: final loss, held-out loss before/after, seconds per method
+
+Adapter files are ``CoAModel.adapter_state_dict()`` (peft's format for qlora-bnb) with a JSON header
+(``coalora.model.coa.ADAPTER_META``: LoRA settings, θ vocabularies, layers, method, config ids).
+Checkpoints live in ``artifacts/.work/train/<method>/``, which survives a failed attempt: a re-run resumes
+there (finished methods and runs are loaded, not retrained). Checkpoints made from other inputs or params are
+discarded, never resumed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from coalora.artifacts import content_id, folder_digest, read_json, read_jsonl, write_json, write_text_atomic
+from coalora.errors import UserError
+from coalora.params import Params
+from coalora.stages.core import Stage, StageContext
+
+log = logging.getLogger("coalora.stages.train")
+
+ADAPTER = "adapter.safetensors"
+INPUTS = "inputs.json"
+METRICS = "metrics.json"
+
+
+def training_data(params: Params, tokenizer, data_dir: Path):
+    """(training batches, fixed held-out batch) for ``train.data``.
+
+    text: random windows of the C4-schema training text; held out: the first ``eval_sequences`` windows of
+    the validation text. instruct: the instruction rows minus the last ``eval_sequences``, which are held out.
+    """
+    from coalora.data import layout
+    from coalora.train.batches import instruct_table, text_batches, text_windows
+
+    p = params.train
+    if p.data == "text":
+        train = [row["text"] for row in read_jsonl(layout.data_file(data_dir, "c4_train"))]
+        held = [row["text"] for row in read_jsonl(layout.data_file(data_dir, "c4_validation"))]
+        return (text_batches(tokenizer, train, p.seq_len, p.batch_size),
+                text_windows(tokenizer, held, p.seq_len, p.eval_sequences))
+    rows = read_jsonl(layout.data_file(data_dir, "instruct"))
+    if len(rows) <= p.eval_sequences:
+        raise UserError(f"train.eval_sequences: {p.eval_sequences} held-out rows, but the instruction data has "
+                        f"only {len(rows)}; lower it")
+    train_rows, held_rows = rows[:-p.eval_sequences], rows[-p.eval_sequences:]
+    return (instruct_table(tokenizer, train_rows, p.seq_len, p.batch_size),
+            instruct_table(tokenizer, held_rows, p.seq_len, p.batch_size).all())
+
+
+def check_k(params: Params, pool_size: int) -> None:
+    """coalora draws ``train.k`` distinct pool configs per step: fail before any training when it cannot."""
+    if "coalora" in params.train.methods and params.train.k > pool_size:
+        raise UserError(f"train.k: {params.train.k} configs per step, but the pool holds only {pool_size}; "
+                        f"lower train.k or enlarge the pool (allocate.grid_size)")
+
+
+def method_work(ctx: StageContext, params: Params, method: str) -> Path:
+    """``ctx.work/<method>``, emptied first when its checkpoints were made from other inputs or params."""
+    fingerprint = content_id({
+        "method": method, "seed": params.seed,
+        "sections": params.sections(("quant", "lora")),
+        "train": {k: v for k, v in params.sections(("train",))["train"].items() if k != "methods"},
+        "inputs": {name: folder_digest(path) for name, path in sorted(ctx.inputs.items())},
+    }, length=64)
+    work = ctx.work / method
+    if (work / INPUTS).is_file() and read_json(work / INPUTS).get("fingerprint") != fingerprint:
+        log.warning("train %s: discarding checkpoints made from other inputs or params (%s)", method, work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / INPUTS, {"fingerprint": fingerprint})
+    return work
+
+
+def run(params: Params, ctx: StageContext) -> dict:
+    """Train every method of ``train.methods``; returns the summary."""
+    from coalora.model.load import load_base
+    from coalora.space import quantized_layers
+    from coalora.train import METHODS, TrainSetup, load_pool, target_set, train_method
+
+    p = params.train
+    base_dir = ctx.input("base_model")
+    base, tokenizer = load_base(base_dir, p.dtype)
+    layers = quantized_layers(base, params.quant.target_modules)
+    del base
+    pool = load_pool(ctx.input("allocate"), layers)
+    targets = target_set(pool, p.target_bits)
+    check_k(params, len(pool))
+    batches, eval_batch = training_data(params, tokenizer, ctx.input("data"))
+    setup = TrainSetup(p, params.lora, params.seed, lambda: load_base(base_dir, p.dtype)[0], layers, pool,
+                       targets, batches, eval_batch, ctx.progress)
+    target_rows = [{"id": c.id, "bits": c.bits, "target_bits": b} for c, b in zip(targets, p.target_bits)]
+    write_json(ctx.out / "targets.json", {"targets": target_rows, "pool": len(pool)})
+    records = {}
+    for name in p.methods:
+        started = time.perf_counter()
+        result = train_method(METHODS[name], setup, method_work(ctx, params, name))
+        records[name] = write_method(ctx.out / name, result, setup, target_rows, time.perf_counter() - started)
+        log.info("train %s: %s", name, _line(records[name]))
+    metrics = flat_metrics(records)
+    write_json(ctx.out / METRICS, metrics)
+    return {"targets": target_rows, "pool": len(pool), "methods": {n: _brief(r) for n, r in records.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def method_record(result, setup, target_rows: list[dict], wall: float) -> dict:
+    """train.json of one method."""
+    m, p = result.method, setup.params
+    runs = result.runs
+    before = {cid: v for r in runs for cid, v in r.eval_before.items()}
+    after = {cid: v for r in runs for cid, v in r.eval_after.items()}
+    draws: dict[str, int] = {}
+    for r in runs:
+        for cid, n in r.draws.items():
+            draws[cid] = draws.get(cid, 0) + n
+    return {
+        "method": m.name, "description": m.description, "backend": m.backend, "confignet": m.confignet,
+        "init": m.init, "skipped": result.skipped,
+        "k": m.k(p), "target_bits": p.target_bits, "targets": target_rows,
+        "configs": [cid for r in runs for cid in r.configs],
+        "budget": {"steps_per_config": p.steps_per_config, "joint_steps": m.steps(p, len(setup.targets))
+                   if m.runs == "joint" else None,
+                   "rule": "per-config methods: steps_per_config for each config; joint methods (coalora, "
+                           "shared): joint_steps in all (default steps_per_config x targets)"},
+        "steps_per_run": {r.name: r.steps for r in runs},
+        "config_draws": draws,
+        "steps": sum(r.steps for r in runs),
+        "seconds": round(sum(r.seconds for r in runs), 3),
+        "wall_seconds": round(wall, 3),
+        "final_loss": _mean(r.final_loss for r in runs),
+        "eval_loss_before": before, "eval_loss_after": after,
+        "eval_loss_before_mean": _mean(before.values()), "eval_loss_after_mean": _mean(after.values()),
+        "runs": [{"name": r.name, "configs": r.configs, "steps": r.steps, "seconds": r.seconds,
+                  "final_loss": r.final_loss} for r in runs],
+        "train": {"data": p.data, "lr": p.lr, "batch_size": p.batch_size, "seq_len": p.seq_len,
+                  "dtype": p.dtype, "grad_clip": p.grad_clip, "eval_sequences": p.eval_sequences},
+    }
+
+
+def write_method(folder: Path, result, setup, target_rows: list[dict], wall: float) -> dict:
+    """The method's adapter file(s), train.json and loss.csv; returns the train.json record."""
+    folder.mkdir()
+    joint = result.method.runs == "joint"
+    offset = 0
+    rows = []
+    for r in result.runs:
+        path = folder / ADAPTER if joint else folder / r.name / ADAPTER
+        write_adapter(path, r.adapter, {**result.header, "method": result.method.name, "config_ids": r.configs})
+        rows += [(offset + step, r.name, loss) for step, loss in r.losses]
+        offset += r.steps
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("step", "run", "loss"))
+    writer.writerows((step, run, f"{loss:.6f}") for step, run, loss in rows)
+    write_text_atomic(folder / "loss.csv", buffer.getvalue())
+    record = method_record(result, setup, target_rows, wall)
+    write_json(folder / "train.json", record)
+    return record
+
+
+def write_adapter(path: Path, tensors: dict, header: dict) -> None:
+    """safetensors with the JSON header under the key CoAModel's ``read_adapter`` reads."""
+    from safetensors.torch import save_file
+
+    from coalora.model.coa import ADAPTER_META
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt", ADAPTER_META: json.dumps(header)})
+
+
+def flat_metrics(records: dict[str, dict]) -> dict[str, float]:
+    """``<method>.<name>`` → number, for ``dvc metrics show`` (skipped methods: ``<method>.skipped`` = 1)."""
+    metrics: dict[str, float] = {}
+    for name, r in records.items():
+        if r["skipped"]:
+            metrics[f"{name}.skipped"] = 1
+            continue
+        for key in ("final_loss", "eval_loss_before_mean", "eval_loss_after_mean", "seconds", "steps"):
+            metrics[f"{name}.{key}"] = round(r[key], 6) if isinstance(r[key], float) else r[key]
+    return metrics
+
+
+def _brief(r: dict) -> dict:
+    if r["skipped"]:
+        return {"skipped": r["skipped"]}
+    return {"steps": r["steps"], "seconds": r["seconds"], "final_loss": round(r["final_loss"], 4),
+            "eval_loss_before": round(r["eval_loss_before_mean"], 4),
+            "eval_loss_after": round(r["eval_loss_after_mean"], 4)}
+
+
+def _line(r: dict) -> str:
+    b = _brief(r)
+    return ", ".join(f"{k} {v}" for k, v in b.items())
+
+
+STAGE = Stage(
+    name="train",
+    fn=run,
+    params=("seed", "quant", "lora", "train"),
+    deps=("data", "base_model", "allocate"),
+    code=("coalora/train", "coalora/model", "coalora/quant", "coalora/space.py", "coalora/stages/train.py"),
+    metrics=(METRICS,),
+    description="CoA-LoRA and the baselines trained for the same target configs (checkpointed, resumable)",
+)

@@ -1,0 +1,18 @@
+"""Configuration-aware training (CoA-LoRA) and the baselines, with one loop, checkpoints and resume.
+
+    methods     the methods as a table (coalora, qlora, lqlora, shared, qlora-bnb)
+    batches     LM batches: packed C4-schema text, or instruction data with response-only loss
+    targets     the training pool and the target set every method is trained for
+    loop        Trainer: the one training loop (K configs per step, losses summed), checkpointing
+    checkpoint  safetensors + JSON checkpoints, digest-verified, atomic; optimizer and RNG state
+    runner      one method's runs (per-config or joint), resumable
+    bnb         the classic QLoRA on bitsandbytes NF4 (optional)
+"""
+
+from coalora.train.loop import LoopSettings, Trainer, eval_losses
+from coalora.train.methods import METHODS, Method
+from coalora.train.runner import MethodResult, RunResult, TrainSetup, train_method
+from coalora.train.targets import load_pool, target_set
+
+__all__ = ["METHODS", "LoopSettings", "Method", "MethodResult", "RunResult", "TrainSetup", "Trainer",
+           "eval_losses", "load_pool", "target_set", "train_method"]

@@ -1,0 +1,75 @@
+"""The training methods as data: one row per method, read by the one training loop (METHOD.md §4, §6).
+
+| method    | model     | θ   | LoRA init          | runs                 | configs per step                |
+|-----------|-----------|-----|--------------------|----------------------|---------------------------------|
+| coalora   | CoAModel  | yes | A random, B = 0    | one over the pool    | ``train.k`` sampled from pool   |
+| qlora     | CoAModel  | no  | A random, B = 0    | one per target       | that target                     |
+| lqlora    | CoAModel  | no  | rank-r SVD of W    | one per target       | that target (residual quantized)|
+| shared    | CoAModel  | no  | A random, B = 0    | one over the targets | 1 sampled from the targets      |
+| qlora-bnb | peft+bnb  | no  | peft's (B = 0)     | one, uniform NF4     | the uniform QLoRA config        |
+
+Budget: a per-config run trains ``train.steps_per_config`` steps; a joint run (coalora, shared) trains
+``train.joint_steps`` steps, by default ``steps_per_config × len(targets)``: the cost of one per-config
+method over the whole target set (coalora's steps each run K forward/backward passes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from coalora.params import TRAIN_METHODS, TrainParams
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table.
+
+    Attributes:
+        name: the method's name in ``train.methods`` and under ``artifacts/train/``.
+        backend: ``coa`` (our CoAModel on NF-k double-quantized weights) or ``bnb`` (peft LoRA on
+            bitsandbytes NF4 layers).
+        confignet: train θ (the configuration-aware network).
+        init: ``random`` (A random, B = 0) or ``svd`` (LQ-LoRA: A, B from the rank-r SVD of W, the residual
+            W − B·A quantized).
+        runs: ``per_config`` (one fresh run for each target), ``joint`` (one run over ``sample_from``), or
+            ``uniform`` (one run at the uniform QLoRA config).
+        sample_from: where a joint run draws each step's configs: the training ``pool`` or the ``targets``.
+        k_from_params: draw ``train.k`` configs per step (else exactly 1).
+        description: one line for summaries.
+    """
+
+    name: str
+    backend: Literal["coa", "bnb"]
+    confignet: bool
+    init: Literal["random", "svd"]
+    runs: Literal["per_config", "joint", "uniform"]
+    sample_from: Literal["pool", "targets", "none"]
+    k_from_params: bool
+    description: str
+
+    def k(self, p: TrainParams) -> int:
+        """Configs per step."""
+        return p.k if self.k_from_params else 1
+
+    def steps(self, p: TrainParams, n_targets: int) -> int:
+        """Steps of ONE run of this method (see the module docstring for the budget)."""
+        if self.runs == "joint":
+            return p.joint_steps if p.joint_steps is not None else p.steps_per_config * n_targets
+        return p.steps_per_config
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("coalora", "coa", True, "random", "joint", "pool", True,
+           "one LoRA + θ, K pool configs per step, losses summed"),
+    Method("qlora", "coa", False, "random", "per_config", "none", False,
+           "a fresh LoRA per target config"),
+    Method("lqlora", "coa", False, "svd", "per_config", "none", False,
+           "a LoRA per target config from the SVD of W; the residual quantized"),
+    Method("shared", "coa", False, "random", "joint", "targets", False,
+           "one LoRA, no θ, one target config sampled per step"),
+    Method("qlora-bnb", "bnb", False, "random", "uniform", "none", False,
+           "classic QLoRA: peft LoRA on bitsandbytes NF4 (4.127 bits)"),
+)}
+
+assert tuple(METHODS) == TRAIN_METHODS, "coalora.params.TRAIN_METHODS and the table must name the same methods"

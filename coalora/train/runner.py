@@ -1,0 +1,212 @@
+"""Train one method (a row of ``methods.METHODS``): its runs, resumable from ``work/<run>/``.
+
+A method is one or more *runs* (one Trainer each): a joint method has one run (``joint``) over the pool
+(coalora) or the targets (shared); a per-config method one run per target config, named by its config
+id, each starting afresh (LoRA re-initialised, new optimizer) with the same seed, so every target sees the
+same initial A and the same batch sequence; qlora-bnb one run at the uniform NF4 config.
+
+Every run checkpoints into ``work/<run>/step-N/``; a finished run leaves ``work/<run>/final/`` (adapter and
+record, digest-verified), so a resumed method skips finished runs and continues the interrupted one.
+Before training, each run scores the fixed held-out batch under each of its configs ("before"); after
+training again ("after"): the loss-lowering check and the figures of the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from coalora.params import LoraParams, TrainParams
+from coalora.space import Config, Layers
+from coalora.train import checkpoint as ckpt
+from coalora.train.batches import Batches
+from coalora.train.loop import LoopSettings, Trainer, eval_losses
+from coalora.train.methods import Method
+
+log = logging.getLogger("coalora.train")
+
+JOINT = "joint"
+FINAL_TAIL = 10  # final_loss: the mean training loss over the last 1/10 of a run's steps
+
+
+@dataclass
+class TrainSetup:
+    """Everything a method's runs share.
+
+    Attributes:
+        params, lora, seed: ``train``, ``lora`` and ``seed`` of params.yaml.
+        load_model: returns a fresh full-precision base model (each method gets its own copy).
+        layers: the quantized layers (name → (out, in)).
+        pool: the training pool (coalora draws from it).
+        targets: the target set (module docstring of ``targets``).
+        batches: the training batch source.
+        eval_batch: the fixed held-out batch, (N, T) tensors.
+        progress: show progress bars.
+    """
+
+    params: TrainParams
+    lora: LoraParams
+    seed: int
+    load_model: Callable[[], torch.nn.Module]
+    layers: Layers
+    pool: list[Config]
+    targets: list[Config]
+    batches: Batches
+    eval_batch: dict[str, torch.Tensor]
+    progress: bool = True
+
+
+@dataclass
+class RunResult:
+    """One finished run: its adapter, and what train.json records of it."""
+
+    name: str
+    configs: list[str]
+    steps: int
+    seconds: float
+    losses: list[tuple[int, float]]
+    draws: dict[str, int]
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    adapter: dict[str, torch.Tensor]
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-max(1, len(self.losses) // FINAL_TAIL):]
+        return sum(loss for _, loss in tail) / len(tail)
+
+    def record(self) -> dict:
+        return {"name": self.name, "configs": self.configs, "steps": self.steps, "seconds": self.seconds,
+                "losses": self.losses, "draws": self.draws, "eval_before": self.eval_before,
+                "eval_after": self.eval_after}
+
+
+@dataclass
+class MethodResult:
+    """A method's runs (empty and ``skipped`` set when it cannot run here), and its adapter files' header
+    (LoRA settings, θ vocabularies, layers: what a reader needs beside the tensors)."""
+
+    method: Method
+    runs: list[RunResult] = field(default_factory=list)
+    skipped: str | None = None
+    header: dict = field(default_factory=dict)
+
+
+def run_plan(method: Method, setup: TrainSetup) -> list[tuple[str, list[Config], list[Config]]]:
+    """(run name, configs drawn from, configs scored) for each run of the method."""
+    if method.runs == "joint":
+        sample = setup.pool if method.sample_from == "pool" else setup.targets
+        return [(JOINT, list(sample), list(setup.targets))]
+    if method.runs == "uniform":
+        from coalora.train.bnb import uniform_config
+
+        config = uniform_config(setup.layers)
+        return [(config.id, [config], [config])]
+    return [(c.id, [c], [c]) for c in setup.targets]
+
+
+def build_model(method: Method, setup: TrainSetup):
+    """A fresh trainable model for the method (CoAModel, or peft LoRA on bitsandbytes NF4)."""
+    base = setup.load_model()
+    torch.manual_seed(setup.seed)  # module initialisers (θ) draw from the global generator
+    if method.backend == "bnb":
+        from coalora.train.bnb import BnbLoraModel
+
+        return BnbLoraModel(base, setup.layers, setup.lora)
+    from coalora.model.coa import CoAModel
+
+    return CoAModel(base, dict(setup.layers), setup.lora, use_confignet=method.confignet)
+
+
+def init_run(model, method: Method, seed: int) -> None:
+    """Start a run afresh: LQ-LoRA's SVD init with the residual as the quantized base, or A random, B = 0."""
+    if method.init == "svd":
+        model.set_residual_base(model.init_lqlora(seed))
+    else:
+        model.reset_lora(seed)
+
+
+def train_method(method: Method, setup: TrainSetup, work: Path,
+                 on_step: Callable[[Trainer], None] | None = None) -> MethodResult:
+    """Train every run of the method, resuming from ``work`` (finished runs are loaded, not retrained).
+
+    Args:
+        method: the table row.
+        setup: the shared inputs.
+        work: the method's checkpoint folder (``ctx.work/<method>``).
+        on_step: passed to :meth:`Trainer.run` (tests use it to interrupt a run).
+    """
+    if method.backend == "bnb":
+        from coalora.train.bnb import skip_reason
+
+        if (reason := skip_reason()) is not None:
+            log.warning("%s skipped: %s", method.name, reason)
+            return MethodResult(method, skipped=reason)
+    model = build_model(method, setup)
+    result = MethodResult(method, header=adapter_header(model, method))
+    for name, sample, scored in run_plan(method, setup):
+        result.runs.append(train_run(model, method, setup, name, sample, scored, Path(work) / name, on_step))
+    return result
+
+
+def adapter_header(model, method: Method) -> dict:
+    """The JSON header of the method's adapter files."""
+    if method.backend == "bnb":
+        return model.adapter_metadata()
+    from coalora.model.coa import adapter_metadata
+
+    return adapter_metadata(model)
+
+
+def _settings(method: Method, setup: TrainSetup) -> LoopSettings:
+    p = setup.params
+    return LoopSettings(lr=p.lr, grad_clip=p.grad_clip, k=method.k(p), checkpoint_every=p.checkpoint_every,
+                        seed=setup.seed)
+
+
+def train_run(model, method: Method, setup: TrainSetup, name: str, sample: list[Config], scored: list[Config],
+              run_dir: Path, on_step: Callable[[Trainer], None] | None = None) -> RunResult:
+    """One run: load it when finished, else init → resume or score "before" → train → score "after" → save."""
+    if (done := _load_final(run_dir, name)) is not None:
+        log.info("%s %s: finished earlier, loaded from %s", method.name, name, run_dir)
+        return done
+    init_run(model, method, setup.seed)
+    chunk = setup.params.batch_size
+    trainer = Trainer(model, setup.batches, _settings(method, setup), run_dir,
+                      desc=f"{method.name} {name}", progress=setup.progress)
+    identity = {"method": method.name, "run": name, "configs": [c.id for c in scored]}
+    if trainer.resume():
+        if {k: trainer.extra.get(k) for k in identity} != identity:
+            raise ckpt.CheckpointError(f"checkpoint in {run_dir} belongs to {trainer.extra.get('method')} run "
+                                       f"{trainer.extra.get('run')}, not {method.name} {name}; delete it")
+    else:
+        trainer.extra = {**identity, "runs_done": sorted(p.parent.name for p in run_dir.parent.glob("*/final")),
+                         "eval_before": eval_losses(model, scored, setup.eval_batch, chunk)}
+    trainer.run(method.steps(setup.params, len(setup.targets)), sample, on_step)
+    after = eval_losses(model, scored, setup.eval_batch, chunk)
+    result = RunResult(name, [c.id for c in scored], trainer.step, round(trainer.seconds, 3), trainer.losses,
+                       trainer.draws, trainer.extra["eval_before"], after, model.adapter_state_dict())
+    ckpt.write_checkpoint(run_dir / ckpt.FINAL, {"adapter": result.adapter}, result.record())
+    ckpt.prune(run_dir, keep=0)  # the final record replaces the step checkpoints
+    return result
+
+
+def _load_final(run_dir: Path, name: str) -> RunResult | None:
+    """A finished run's result, or None (a corrupt final record is deleted, with a warning, and the run redone)."""
+    final = run_dir / ckpt.FINAL
+    if not final.is_dir():
+        return None
+    try:
+        found = ckpt.read_checkpoint(final)
+    except ckpt.CheckpointError as exc:
+        log.warning("%s; training run %s again", exc, name)
+        shutil.rmtree(final)
+        return None
+    s = found.state
+    return RunResult(s["name"], s["configs"], s["steps"], s["seconds"], [(int(a), float(b)) for a, b in s["losses"]],
+                     s["draws"], s["eval_before"], s["eval_after"], found.tensors["adapter"])
