@@ -323,3 +323,20 @@ def test_checkpoints_made_from_other_params_are_discarded(project, repo_root):
     more = changed.model_copy(update={"train": changed.train.model_copy(update={"methods": ["coalora"]})})
     (work / "joint").mkdir()
     assert (method_work(ctx, more, "coalora") / "joint").is_dir()  # the method list is not an input of a method
+
+
+def test_adapter_files_are_byte_identical_across_processes(tmp_path):
+    """The train stage's output digest must not depend on the process that wrote it (cache keys)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from pathlib import Path; from coalora.stages.train import write_adapter; "
+            "write_adapter(Path(sys.argv[1]), {'a': torch.arange(6.).reshape(2, 3)}, "
+            "{'method': 'coalora', 'rank': 4, 'layers': ['x', 'y']})")
+    digests = set()
+    for i in range(4):
+        path = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1

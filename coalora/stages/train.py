@@ -188,8 +188,10 @@ def write_adapter(path: Path, tensors: dict, header: dict) -> None:
     from coalora.model.coa import ADAPTER_META
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    # One metadata key only: safetensors writes metadata in hash-map order, so two keys give run-dependent
+    # bytes, and the stage's output digest (its downstream cache keys) would change on every run.
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"format": "pt", ADAPTER_META: json.dumps(header)})
+              metadata={ADAPTER_META: json.dumps(header, sort_keys=True)})
 
 
 def flat_metrics(records: dict[str, dict]) -> dict[str, float]:
