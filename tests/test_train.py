@@ -271,6 +271,7 @@ def test_train_stage_writes_adapters_records_and_equal_budgets(project, capsys):
     assert qlora["steps_per_run"] == {t: 2 for t in targets}  # equal steps per configuration
     assert coalora["steps"] == qlora["steps"] == 4 and coalora["k"] == 2
     assert coalora["configs"] == qlora["configs"] == targets
+    assert sorted(qlora["config_bits"]) == sorted(targets) and all(2 < b < 9 for b in qlora["config_bits"].values())
     assert (out / "coalora/loss.csv").read_text().splitlines()[0] == "step,run,loss"
     metrics = read_json(out / "metrics.json")
     assert {"coalora.final_loss", "coalora.seconds", "qlora.final_loss", "qlora.seconds"} <= set(metrics)

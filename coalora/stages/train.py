@@ -141,6 +141,7 @@ def method_record(result, setup, target_rows: list[dict], wall: float) -> dict:
         "init": m.init, "skipped": result.skipped,
         "k": m.k(p), "target_bits": p.target_bits, "targets": target_rows,
         "configs": [cid for r in runs for cid in r.configs],
+        "config_bits": _config_bits(result, setup),
         "budget": {"steps_per_config": p.steps_per_config, "joint_steps": m.steps(p, len(setup.targets))
                    if m.runs == "joint" else None,
                    "rule": "per-config methods: steps_per_config for each config; joint methods (coalora, "
@@ -158,6 +159,17 @@ def method_record(result, setup, target_rows: list[dict], wall: float) -> dict:
         "train": {"data": p.data, "lr": p.lr, "batch_size": p.batch_size, "seq_len": p.seq_len,
                   "dtype": p.dtype, "grad_clip": p.grad_clip, "eval_sequences": p.eval_sequences},
     }
+
+
+def _config_bits(result, setup) -> dict[str, float]:
+    """Average bits of each config the method trained for (qlora-bnb: the uniform NF4 config, 4.127)."""
+    configs = list(setup.targets)
+    if result.method.runs == "uniform":
+        from coalora.train.bnb import uniform_config
+
+        configs.append(uniform_config(setup.layers))
+    bits = {c.id: c.bits for c in configs}
+    return {cid: bits[cid] for r in result.runs for cid in r.configs}
 
 
 def write_method(folder: Path, result, setup, target_rows: list[dict], wall: float) -> dict:
