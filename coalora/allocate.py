@@ -39,7 +39,7 @@ from coalora.space import average_bits
 BUDGET_FIELD = "budget"
 MIP_GAP = 1e-4      # HiGHS' relative gap: a config within 0.01 % of the least cost is accepted
 NODE_LIMIT = 100    # branch-and-bound nodes per HiGHS call
-CORE_GAP = 1e-3     # first try: only options that can be in a solution within 0.1 % of the Lagrangian bound
+RANDOM_TRIES = 20   # draws of a random config before settling for the closest under its budget
 RETIGHTEN = 3       # re-solves with a budget tightened by HiGHS' overshoot, before the greedy repair
 
 
@@ -119,7 +119,7 @@ class Relaxation:
     Attributes:
         options: per layer, the spec indices considered.
         lower: L(λ), a lower bound on the optimum.
-        upper_idx: (L,) spec indices of a feasible config; ``upper`` its cost.
+        upper_idx: (L,) spec indices of a config within the budget (``Config.bits`` ≤ β); ``upper`` its cost.
         exact: True when the least-cost option of every layer fits (then upper_idx is optimal).
     """
 
@@ -133,12 +133,15 @@ class Relaxation:
             costs[i, :len(o)], bits[i, :len(o)] = cost[i, o], bpp[o] * share[i]
         rows = np.arange(len(options))
         pick = lambda lam: np.argmin(costs + lam * bits, axis=1)  # noqa: E731  (L,) Lagrangian minimiser
-        fits = lambda lam: bits[rows, pick(lam)].sum() <= budget  # noqa: E731
+        # λ only steers the bound (any λ ≥ 0 gives a valid one), so "fits" may be a hair lenient; the
+        # feasibility of the upper config is checked exactly below.
+        fits = lambda lam: bits[rows, pick(lam)].sum() <= budget * (1 + 1e-12)  # noqa: E731
         lo, hi = 0.0, 0.0
-        self.exact = fits(0.0)
-        if not self.exact:
+        if not fits(0.0):
             hi = 1.0
-            while not fits(hi):  # at λ = inf every layer takes its fewest bits, which fit (budget checked)
+            for _ in range(1000):  # finite λ up to 2^1000: large enough for every layer's fewest bits
+                if fits(hi):
+                    break
                 lo, hi = hi, hi * 2
             for _ in range(60):
                 mid = (lo + hi) / 2
@@ -150,8 +153,10 @@ class Relaxation:
         self._rounding = 1e-12 * float(values.min(axis=1).sum() + lam * budget)
         self._reduced = values - values.min(axis=1, keepdims=True)  # (L, K) r[i, k]
         choice = _improve(pick(hi), costs, bits, budget)
-        self.upper_idx = np.array([o[k] for o, k in zip(options, choice)], dtype=np.int64)
-        self.upper = float(costs[rows, choice].sum())
+        idx = np.array([o[k] for o, k in zip(options, choice)], dtype=np.int64)
+        self.upper_idx = _step_down(idx, options, cost, bpp, numel, budget)  # exact check: Config.bits ≤ β
+        self.upper = _total(cost, self.upper_idx)
+        self.exact = hi == 0.0 and np.array_equal(idx, self.upper_idx)
 
     def keep(self, threshold: float) -> list[np.ndarray]:
         """Per layer, the options that can be in a config costing at most ``threshold``."""
@@ -272,11 +277,9 @@ def allocate_budget(cost, bpp, numel, budget: float) -> Allocation:
     """The least-cost config whose bits do not exceed ``budget`` (the integer program above), with its gap.
 
     1. keep each layer's non-dominated specs (exact);
-    2. Lagrangian bound, a greedy feasible config, reduced-cost fixing (exact);
-    3. HiGHS on the "core": the options that can be in a config within CORE_GAP of the bound. If its answer
-       is within that threshold it is optimal for the whole problem (every dropped option would cost
-       more); otherwise its answer is a better upper bound, and HiGHS runs again on the options that bound
-       allows, which contain every optimal solution.
+    2. the Lagrangian bound, a greedy feasible config, and reduced-cost fixing against it (exact: every
+       config cheaper than the greedy one, the optimum included, uses only the options kept);
+    3. HiGHS on what is left; the better of its answer and the greedy config is returned.
 
     Raises:
         UserError: naming ``budget`` when it lies outside the feasible range.
@@ -286,24 +289,13 @@ def allocate_budget(cost, bpp, numel, budget: float) -> Allocation:
     options = [pareto_options(row, bpp) for row in cost]
     relax = Relaxation(options, cost, bpp, numel, budget)
     best = relax.upper_idx
-    if config_bits(best, bpp, numel) > budget:  # the greedy margin failed against rounding: step down
-        best = _step_down(best, options, cost, bpp, numel, budget)
-    bound = relax.lower
     if relax.exact:
         return Allocation(best, _total(cost, best), _total(cost, best), config_bits(best, bpp, numel))
-    threshold = min(_total(cost, best), relax.lower * (1 + CORE_GAP))
-    for final in (False, True):
-        idx, milp_bound = _feasible_milp(relax.keep(threshold), cost, bpp, numel, budget)
-        if idx is not None and _total(cost, idx) < _total(cost, best):
-            best = idx
-        # Any config outside the core costs more than the threshold, so the optimum is at least
-        # min(HiGHS' bound over the core, threshold).
-        bound = max(bound, min(milp_bound, threshold))
-        if final or _total(cost, best) <= threshold:
-            break
-        threshold = _total(cost, best)
+    idx, milp_bound = _feasible_milp(relax.keep(_total(cost, best)), cost, bpp, numel, budget)
+    if idx is not None and _total(cost, idx) < _total(cost, best):
+        best = idx
     objective = _total(cost, best)
-    return Allocation(best, objective, min(bound, objective), config_bits(best, bpp, numel))
+    return Allocation(best, objective, min(max(relax.lower, milp_bound), objective), config_bits(best, bpp, numel))
 
 
 def solve_budget(cost, bpp, numel, budget: float) -> tuple[np.ndarray, float]:
@@ -325,7 +317,10 @@ def solve_budget(cost, bpp, numel, budget: float) -> tuple[np.ndarray, float]:
 
 def _step_down(idx: np.ndarray, options: list[np.ndarray], cost: np.ndarray, bpp: np.ndarray,
                numel: np.ndarray, budget: float) -> np.ndarray:
-    """Move layers to their next option down, least cost increase per bit saved first, until within budget."""
+    """Move layers to their next option down, least cost increase per bit saved first, until within budget.
+
+    A safety net for configs that float rounding put a hair over the budget; a no-op otherwise.
+    """
     idx = idx.copy()
     while config_bits(idx, bpp, numel) > budget:
         moves = []
@@ -344,19 +339,36 @@ def _step_down(idx: np.ndarray, options: list[np.ndarray], cost: np.ndarray, bpp
 # ---------------------------------------------------------------------------------------------------------
 
 def random_at_budget(bpp, numel, budget: float, tolerance: float, rng: np.random.Generator) -> np.ndarray:
-    """A random config whose bits lie in (budget − tolerance, budget] whenever single-layer moves allow.
+    """A random config whose bits lie in (budget − tolerance, budget], or as close under it as found.
 
-    1. Draw every layer's spec uniformly from all C specs.
-    2. While over the budget, give a random layer a uniformly random spec with fewer bits.
-    3. While more than ``tolerance`` under it, give a random layer a random spec with more bits among
-       those that still fit under the budget (each move strictly raises the bits and never crosses β).
-    The result never exceeds the budget; it stops early, within the budget, when no move fits.
+    One draw:
+    1. every layer's spec uniformly from all C specs;
+    2. while over the budget, a random layer gets a uniformly random spec with fewer bits;
+    3. while more than ``tolerance`` under it, a random layer gets a random spec with more bits among those
+       that still fit (each move strictly raises the bits and never crosses β).
+    With few layers the reachable bits are coarse and step 3 can stall short of the tolerance; then the
+    draw is repeated (up to RANDOM_TRIES) and the closest one kept. The result never exceeds the budget.
 
     Returns:
         (L,) int64 spec indices.
     """
     bpp, numel = np.asarray(bpp, dtype=np.float64), np.asarray(numel, dtype=np.int64)
     check_budget(budget, bpp, numel)
+    best, best_bits = None, -np.inf
+    for _ in range(RANDOM_TRIES):
+        idx, bits = _random_draw(bpp, numel, budget, tolerance, rng)
+        if bits > best_bits:
+            best, best_bits = idx, bits
+        if budget - bits <= tolerance:
+            break
+    if best_bits > budget:  # cannot happen with the margin in _random_draw; never hand out a config over it
+        raise AssertionError(f"random config at {best_bits} bits exceeds its budget {budget}")
+    return best
+
+
+def _random_draw(bpp: np.ndarray, numel: np.ndarray, budget: float, tolerance: float,
+                 rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """Steps 1–3 of :func:`random_at_budget`: (idx, bits)."""
     share = numel / numel.sum()  # (L,)
     idx = rng.integers(len(bpp), size=len(numel))
     while (bits := config_bits(idx, bpp, numel)) > budget:
@@ -370,6 +382,4 @@ def random_at_budget(bpp, numel, budget: float, tolerance: float, rng: np.random
         layer = rng.choice(np.flatnonzero(fits.any(axis=1)))
         idx[layer] = rng.choice(np.flatnonzero(fits[layer]))
         bits = config_bits(idx, bpp, numel)
-    if bits > budget:  # cannot happen with the margin above; never hand out a config over its budget
-        raise AssertionError(f"random config at {bits} bits exceeds its budget {budget}")
-    return idx.astype(np.int64)
+    return idx.astype(np.int64), bits

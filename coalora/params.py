@@ -114,7 +114,10 @@ class EvalParams(Section):
 
 class QuantParams(Section):
     """Which linear layers are quantized (and carry LoRA): peft-style ``target_modules`` name patterns,
-    matched against module names inside the transformer blocks."""
+    matched against the ``nn.Linear`` modules inside the transformer blocks (never the LM head or the
+    embeddings). An entry matches a module whose full name equals it or ends with ``.entry``
+    (``q_proj``, ``mlp.down_proj``), or that it full-matches as a regular expression
+    (``model\\.layers\\.[0-3]\\..*_proj``)."""
 
     target_modules: list[str] = Field(min_length=1)
 
