@@ -143,6 +143,7 @@ def test_task_configs_include_lm_eval_definitions_with_local_files(tmp_path):
 
 def test_run_benchmarks_offline_on_an_in_memory_model(tmp_path, tokenizer, monkeypatch):
     import datasets.config
+    import huggingface_hub.constants
     from transformers import LlamaConfig, LlamaForCausalLM
 
     rows = write_fixture_data(tmp_path / "data")
@@ -172,6 +173,7 @@ def test_run_benchmarks_offline_on_an_in_memory_model(tmp_path, tokenizer, monke
         raise OSError(f"test: no DNS for {host}")
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     limited = run_benchmarks(model, tokenizer, tmp_path / "data", ["winogrande"], limit=3, batch_size=4, seed=1,
