@@ -31,7 +31,7 @@ from coalora.quant import (
     unpack_bits,
 )
 from coalora.quant.fake import block_scales
-from coalora.quant.nf import nearest_level_index
+from coalora.quant.nf import GRID_CELLS, nearest_level_index, nearest_level_index_reference
 
 SOME_SPECS = [
     QLORA_SPEC,
@@ -176,12 +176,25 @@ def test_nf_levels_cached_per_dtype_and_device():
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
-def test_bucketize_search_is_the_nearest_level(k):
+def test_grid_search_is_the_nearest_level(k):
     x = torch.cat([torch.linspace(-1.3, 1.3, 20001), nf_midpoints(k)])  # includes every exact tie
     codes = nearest_level_index(x, k).long()
     # O(n·L) reference with exact distances (float64 differences of float32 numbers); argmin → lower on ties.
     brute = (x.double()[:, None] - nf_levels(k).double()[None, :]).abs().argmin(dim=1)
     assert torch.equal(codes, brute)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8])
+def test_grid_search_equals_the_binary_search_at_every_edge(k):
+    """The grid lookup must agree with bucketize everywhere, in particular right at and beside each
+    midpoint and each grid-cell edge (where the cell computation's rounding can be one cell off)."""
+    mids, cells = nf_midpoints(k), torch.linspace(-1, 1, GRID_CELLS + 1)
+    up, down = torch.full((1,), 9.0), torch.full((1,), -9.0)
+    xs = torch.cat([torch.randn(100_000, generator=torch.Generator().manual_seed(k)) * 0.6, mids, cells,
+                    torch.nextafter(mids, up.expand_as(mids)), torch.nextafter(mids, down.expand_as(mids)),
+                    torch.nextafter(cells, up.expand_as(cells)), torch.nextafter(cells, down.expand_as(cells)),
+                    torch.tensor([-3e38, -2.5, -1.0, -0.0, 0.0, 1.0, 2.5, 3e38, float("inf"), -float("inf")])])
+    assert torch.equal(nearest_level_index(xs, k), nearest_level_index_reference(xs, k))
 
 
 # ------------------------------------------------------------------------------ fake quantization

@@ -99,20 +99,48 @@ def block_scales(q: torch.Tensor, s3: torch.Tensor, offset: torch.Tensor, spec: 
     return (q.to(torch.float32) / m) * s3_per_block + offset
 
 
-def _first_level(w: torch.Tensor, spec: QuantSpec, n_blocks: int, n_super: int):
-    """Steps 2–5: per-block scale codes from the padded weights ``w`` of shape (n_blocks, B0)."""
+def block_absmax(w: torch.Tensor) -> torch.Tensor:
+    """Step 2: s1 = max |w| per block of the padded weights ``w`` (n_blocks, B0); (n_blocks,) float32.
+
+    Raises ValueError when a weight is NaN or inf."""
     lo, hi = torch.aminmax(w, dim=1)  # one pass, no |w| temporary; both propagate NaN
-    s1 = torch.maximum(hi, lo.neg())  # (n_blocks,) = max |w| per block
+    s1 = torch.maximum(hi, lo.neg())  # (n_blocks,)
     _check_finite(s1)
+    return s1
+
+
+def scale_codes(s1: torch.Tensor, spec: QuantSpec, n_blocks: int, n_super: int):
+    """Steps 3–5 from the block maxima s1 (n_blocks,): (q (n_blocks,) int32, s3 (n_super,), offset ())."""
     offset = s1.min()  # () over real blocks only: every row of w is a real block
     s2 = s1 - offset  # (n_blocks,)
     s2_super = F.pad(s2, (0, n_super * spec.block1 - n_blocks)).view(n_super, spec.block1)  # (n_super, B1)
     s3 = round_to_scale2(s2_super.amax(dim=1), spec)  # (n_super,)
     m = float(2**spec.scale_bits - 1)
-    zero = torch.zeros((), dtype=torch.float32, device=w.device)
+    zero = torch.zeros((), dtype=torch.float32, device=s1.device)
     ratio = torch.where(s3[:, None] > 0, s2_super / s3[:, None], zero)  # (n_super, B1)
     q = torch.round(ratio.mul_(m)).clamp_(0, m).to(torch.int32).view(-1)[:n_blocks]  # (n_blocks,)
     return q, s3, offset
+
+
+def _first_level(w: torch.Tensor, spec: QuantSpec, n_blocks: int, n_super: int):
+    """Steps 2–5: per-block scale codes from the padded weights ``w`` of shape (n_blocks, B0)."""
+    return scale_codes(block_absmax(w), spec, n_blocks, n_super)
+
+
+def padded_blocks(weight: torch.Tensor, block0: int) -> torch.Tensor:
+    """Step 1: flatten(W) row-major in float32, zero-padded to whole blocks; (n_blocks, B0)."""
+    n = weight.numel()
+    n_blocks = -(-n // block0)
+    w = weight.reshape(-1).to(torch.float32)  # (n,) row-major; a copy only when the dtype differs
+    pad = n_blocks * block0 - n
+    return (F.pad(w, (0, pad)) if pad else w).view(n_blocks, block0)
+
+
+def safe_divisor(s_hat: torch.Tensor) -> torch.Tensor:
+    """ŝ1 where positive, else inf: w / inf = 0 for finite w, so a zero scale gives code of level 0 and
+    Ŵ = 0·0 = 0 without a NaN (a block of zeros, or q = 0 with o = 0)."""
+    inf = torch.full((), float("inf"), dtype=torch.float32, device=s_hat.device)
+    return torch.where(s_hat > 0, s_hat, inf)
 
 
 def quantize_parts(weight: torch.Tensor, spec: QuantSpec) -> QuantParts:
@@ -129,18 +157,11 @@ def quantize_parts(weight: torch.Tensor, spec: QuantSpec) -> QuantParts:
         ValueError: non-2-D, empty, non-float or non-finite weight.
     """
     check_weight(weight)
-    n = weight.numel()
-    n_blocks, n_super = block_counts(spec, n)
-    w = weight.reshape(-1).to(torch.float32)  # (n,) row-major; a copy only when the dtype differs
-    pad = n_blocks * spec.block0 - n
-    w = (F.pad(w, (0, pad)) if pad else w).view(n_blocks, spec.block0)  # (n_blocks, B0), never modified
+    n_blocks, n_super = block_counts(spec, weight.numel())
+    w = padded_blocks(weight, spec.block0)  # (n_blocks, B0), never modified
     q, s3, offset = _first_level(w, spec, n_blocks, n_super)
     s_hat = block_scales(q, s3, offset, spec)  # (n_blocks,)
-    # Where ŝ1 = 0 (a block of zeros, or q = 0 with o = 0) divide by inf instead: w / inf = 0 for finite
-    # w, so the code is that of level 0 and the weight dequantizes to 0·0 = 0, without a NaN.
-    inf = torch.full((), float("inf"), dtype=torch.float32, device=w.device)
-    divisor = torch.where(s_hat > 0, s_hat, inf)  # (n_blocks,)
-    ratio = w / divisor[:, None]  # (n_blocks, B0)
+    ratio = w / safe_divisor(s_hat)[:, None]  # (n_blocks, B0)
     codes = nearest_level_index(ratio, spec.weight_bits).view(-1)  # (n_blocks·B0,)
     return QuantParts(codes, q, s3, offset, (int(weight.shape[0]), int(weight.shape[1])), spec)
 

@@ -74,13 +74,51 @@ def nf_midpoints(k: int, dtype: torch.dtype = torch.float32, device: torch.devic
     return _nf_tables(k, dtype, torch.device(device if device is not None else "cpu"))[1]
 
 
+GRID_CELLS = 4096  # cells of the uniform grid over [−1, 1] behind ``nearest_level_index``
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_tables(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(base (G,) int32, mids padded with M × +inf, M) for the grid search of ``nearest_level_index``.
+
+    Cell c covers [−1 + 2c/G, −1 + 2(c+1)/G). Rounding in the cell computation can put x one cell off, so
+    base[c] counts the midpoints below cell c − 1's lower edge (all certainly < x), and the M candidates
+    after them cover every midpoint up to cell c + 1's upper edge (the ones that may or may not be < x).
+    The first and last cells extend to −∞ and +∞ (x beyond ±1 is clamped into them).
+    """
+    mids = _nf_tables(k, torch.float32, torch.device("cpu"))[1].double()
+    edges = torch.linspace(-1.0, 1.0, GRID_CELLS + 1, dtype=torch.float64)
+    inf = torch.tensor([float("inf")], dtype=torch.float64)
+    below = torch.cat([-inf, edges[:-2]])  # (G,) lower edge of cell c − 1
+    above = torch.cat([edges[2:], inf])  # (G,) upper edge of cell c + 1
+    base = torch.searchsorted(mids, below, right=False)  # #(mids < below)
+    m = int((torch.searchsorted(mids, above, right=False) - base).max())
+    padded = torch.cat([mids.float(), torch.full((m,), float("inf"))])
+    return base.to(torch.int64).to(device), padded.to(device), m
+
+
 def nearest_level_index(x: torch.Tensor, k: int) -> torch.Tensor:
     """Index of the NF-k level nearest to each element of ``x`` (float32), as int32, same shape.
 
-    A binary search against the 2^k − 1 midpoints (``torch.bucketize``): O(n log L) time, no (n, L)
-    temporary. Index i satisfies mid[i−1] < x ≤ mid[i] (``right=False``); the midpoints are rounded
-    down (see ``_nf_tables``), so the result is the exactly nearest level and a tie (x equidistant from
-    two levels) goes to the LOWER level. Values beyond ±1 map to the end levels.
+    code(x) = #{i : mid_i < x}, i.e. mid[code−1] < x ≤ mid[code], against the 2^k − 1 midpoints, which are
+    rounded down (see ``_nf_tables``), so the result is the exactly nearest level and a tie (x equidistant
+    from two levels) goes to the LOWER level. Values beyond ±1 map to the end levels.
+
+    A uniform-grid lookup instead of a binary search: the cell of x gives the count of midpoints surely
+    below it, and M (1 for every k used: no two midpoints within three cells) comparisons settle the
+    rest. The result equals ``torch.bucketize(x, mids, right=False)`` exactly (tested) at a fraction of
+    its time on the CPU (8-bit: ~5×), which is most of the cost of quantizing.
     """
+    base, padded, m = _grid_tables(k, x.device)
+    cell = (x.clamp(-2.0, 2.0) + 1.0).mul_(GRID_CELLS / 2).floor_().clamp_(0, GRID_CELLS - 1).long()
+    start = base[cell]  # midpoints certainly below x
+    code = start.to(torch.int32)
+    for j in range(m):
+        code += x > padded[start + j]
+    return code
+
+
+def nearest_level_index_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The binary-search definition ``nearest_level_index`` must equal (tests compare them)."""
     mids = nf_midpoints(k, torch.float32, x.device)
     return torch.bucketize(x, mids, out_int32=True, right=False)
