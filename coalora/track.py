@@ -1,0 +1,532 @@
+"""MLflow tracking of a pipeline run: one parent run, a child run per stage and per training method.
+
+What is logged, read from the stage folders under ``artifacts/`` (whatever of them exists, so a partial run
+or a newer stage layout still logs what it can):
+
+    parent   all params (flattened), the resolved params.yaml, stage states as tags, and the Pareto-front
+             figures of the evaluated configurations (each metric vs bits, every method on one figure)
+    stage    the params sections the stage reads, its summary (numbers as metrics, the whole as stage.json),
+             its metrics files as metrics, its small files (JSON/CSV/PNG/...) as artifacts, its tables of
+             configurations (CSV with a ``bits`` column) as MLflow tables
+    method   (nested in the train stage run) the loss curve from loss.csv as step metrics, per-round pool
+             hypervolume from train.json ``rounds`` as step metrics, a Pareto figure per search round, the
+             adapter files (θ included) as artifacts. Never the base model's weights.
+
+The store is ``sqlite:///<project>/.coalora/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set; artifacts go
+to ``<project>/.coalora/mlartifacts`` (given explicitly: with sqlite, MLflow would otherwise resolve the
+artifact root against the working directory). mlflow and matplotlib are imported inside functions, so the
+library stays importable where they are not installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from coalora.artifacts import MANIFEST, RECORD, read_json
+from coalora.env import state_dir
+from coalora.errors import UserError
+
+log = logging.getLogger("coalora.track")
+
+EXPERIMENT = "coalora"
+DB = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+UI_HOST, UI_PORT = "127.0.0.1", 5000
+# Small readable files a stage run carries as artifacts; model weights (.safetensors, .bin) never are,
+# except the adapter files of the training methods (below).
+ARTIFACT_SUFFIXES = {".json", ".csv", ".png", ".svg", ".yaml", ".yml", ".md", ".txt", ".html"}
+MAX_ARTIFACT_BYTES = 5 << 20
+MAX_ADAPTER_BYTES = 1 << 30   # adapters and θ are megabytes; a gigabyte file is not an adapter
+MAX_FILES_PER_STAGE = 200
+# Metric names where lower is better; every other metric (accuracy, f1, ...) is higher-better.
+LOWER_BETTER = re.compile(r"loss|ppl|perplexity|error|nll", re.IGNORECASE)
+# Table columns that are not metrics.
+NOT_METRICS = {"bits", "exact_bits", "budget", "target_bits", "step", "round", "seed", "rank", "layers"}
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """Where a logged pipeline run lives."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    def url(self, host: str = UI_HOST, port: int = UI_PORT) -> str:
+        """The run's page in ``mlflow ui`` / ``coalora ui``."""
+        return f"http://{host}:{port}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Store
+# ---------------------------------------------------------------------------------------------------------
+
+def tracking_uri(root: Path | str) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the project's SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir(root) / DB}"
+
+
+def artifact_root(root: Path | str) -> Path:
+    return state_dir(root) / ARTIFACT_DIR
+
+
+def _client(root: Path | str):
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(root)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def experiment_id(client, name: str, root: Path | str, uri: str) -> str:
+    """The experiment's id, creating it with its artifacts under the project's state folder.
+
+    A tracking server (http[s] URI) chooses its own artifact store, so none is given there.
+    """
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None if uri.startswith(("http://", "https://", "databricks")) else \
+        (artifact_root(root) / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------------------------------------
+
+def metric_key(name: str) -> str:
+    """MLflow accepts letters, digits and ``_-./ :``; anything else becomes ``_``."""
+    return re.sub(r"[^\w\-./ :]", "_", name)[:250]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → ``{"a.b.c": leaf}``; lists of scalars stay one leaf, lists of dicts are dropped."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return {}
+    return {prefix: obj} if prefix else {}
+
+
+def numbers(flat: dict[str, Any]) -> dict[str, float]:
+    """The finite numeric leaves (bools as 0/1) of a flattened dict, with MLflow-safe keys."""
+    out = {}
+    for key, value in flat.items():
+        if isinstance(value, (int, float)) and math.isfinite(float(value)):
+            out[metric_key(key)] = float(value)
+    return out
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def log_params(client, run_id: str, flat: dict[str, Any]) -> None:
+    """Params in batches of 100 (MLflow's limit); values as JSON text, cut at MLflow's 6000 characters."""
+    from mlflow.entities import Param
+
+    items = [Param(metric_key(k), json.dumps(v) if not isinstance(v, str) else v)
+             for k, v in sorted(flat.items())]
+    items = [Param(p.key, p.value[:6000]) for p in items]
+    for chunk in _chunks(items, 100):
+        client.log_batch(run_id, params=chunk)
+
+
+def log_metrics(client, run_id: str, values: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    items = [Metric(k, v, stamp, step) for k, v in sorted(values.items())]
+    for chunk in _chunks(items, 1000):
+        client.log_batch(run_id, metrics=chunk)
+
+
+def log_series(client, run_id: str, name: str, points: list[tuple[int, float]]) -> None:
+    """One metric as a curve: ``(step, value)`` points, non-finite values left out."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    items = [Metric(metric_key(name), float(v), stamp, int(s)) for s, v in points if math.isfinite(float(v))]
+    for chunk in _chunks(items, 1000):
+        client.log_batch(run_id, metrics=chunk)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        log.warning("tracking: skipping unreadable %s: %s", path, exc)
+        return None
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """CSV rows with numeric-looking cells as floats (the tables here are small)."""
+    with path.open(newline="") as handle:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def _number(text: str | None) -> Any:
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return {"true": True, "false": False}.get(text.lower(), text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures (matplotlib, Agg: no display needed)
+# ---------------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def front_indices(xs: list[float], ys: list[float], lower_better: bool) -> list[int]:
+    """Indices of the non-dominated points (fewer bits better; metric by ``lower_better``), by bits."""
+    sign = 1.0 if lower_better else -1.0
+    order = sorted(range(len(xs)), key=lambda i: (xs[i], sign * ys[i]))
+    front, best = [], math.inf
+    for i in order:
+        if sign * ys[i] < best:
+            front.append(i)
+            best = sign * ys[i]
+    return front
+
+
+def metric_columns(rows: list[dict]) -> list[str]:
+    """Numeric columns of a configuration table other than bits and bookkeeping."""
+    if not rows:
+        return []
+    columns = []
+    for key in rows[0]:
+        if key in NOT_METRICS or key.endswith("_id") or key == "id":
+            continue
+        if all(isinstance(r.get(key), float) or r.get(key) is None for r in rows) and \
+                any(isinstance(r.get(key), float) for r in rows):
+            columns.append(key)
+    return columns
+
+
+def pareto_figure(rows: list[dict], metric: str, title: str = ""):
+    """``metric`` vs bits, one colour per method, each method's front drawn as a step line.
+
+    Held-out (unseen) configurations, when the table says so, are hollow markers.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    lower = bool(LOWER_BETTER.search(metric))
+    methods = sorted({str(r.get("method", "all")) for r in rows})
+    for method in methods:
+        sel = [r for r in rows if str(r.get("method", "all")) == method
+               and isinstance(r.get("bits"), float) and isinstance(r.get(metric), float)]
+        if not sel:
+            continue
+        xs, ys = [r["bits"] for r in sel], [r[metric] for r in sel]
+        unseen = [_is_unseen(r) for r in sel]
+        line = ax.plot([], [], label=method)[0]
+        colour = line.get_color()
+        ax.scatter([x for x, u in zip(xs, unseen) if not u], [y for y, u in zip(ys, unseen) if not u],
+                   color=colour, s=22)
+        if any(unseen):
+            ax.scatter([x for x, u in zip(xs, unseen) if u], [y for y, u in zip(ys, unseen) if u],
+                       facecolors="none", edgecolors=colour, s=22)
+        front = front_indices(xs, ys, lower)
+        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color=colour, alpha=0.8)
+    ax.set_xlabel("average bits per parameter")
+    ax.set_ylabel(f"{metric} ({'lower' if lower else 'higher'} is better)")
+    ax.set_title(title or f"Pareto front: {metric} vs bits")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _is_unseen(row: dict) -> bool:
+    for key in ("seen", "split", "set"):
+        value = row.get(key)
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, str):
+            return value.lower() in ("unseen", "heldout", "held-out", "held_out")
+    return False
+
+
+def round_points(record: dict) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(pool points, front points) as (bits, f1) from one ``rounds`` entry of train.json.
+
+    ``front`` may list pool ids, pool-like dicts or indices into the pool; anything else gives no front.
+    """
+    pool = [p for p in record.get("pool") or [] if isinstance(p, dict)]
+    points = [(float(p["bits"]), float(p["f1"])) for p in pool if _num(p.get("bits")) and _num(p.get("f1"))]
+    by_id = {p.get("id"): p for p in pool}
+    front = []
+    for item in record.get("front") or []:
+        entry = by_id.get(item) if isinstance(item, str) else item if isinstance(item, dict) else \
+            pool[item] if isinstance(item, int) and 0 <= item < len(pool) else None
+        if entry and _num(entry.get("bits")) and _num(entry.get("f1")):
+            front.append((float(entry["bits"]), float(entry["f1"])))
+    return points, sorted(front)
+
+
+def _num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def rounds_figure(method: str, rounds: list[dict], upto: int | None = None):
+    """The pool (dots) and its front (line) of each search round up to ``upto``, later rounds darker."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    shown = [r for r in rounds if upto is None or r.get("round", 0) <= upto]
+    cmap = plt.get_cmap("viridis")
+    for i, record in enumerate(shown):
+        colour = cmap(i / max(1, len(shown) - 1))
+        points, front = round_points(record)
+        label = f"round {record.get('round', i)}"
+        if _num(record.get("hypervolume")):
+            label += f" (HV {record['hypervolume']:.4g})"
+        if points:
+            ax.scatter(*zip(*points), color=colour, s=14, alpha=0.6)
+        if front:
+            ax.step(*zip(*front), where="post", color=colour, label=label)
+        elif points:
+            ax.plot([], [], color=colour, label=label)
+    ax.set_xlabel("average bits per parameter")
+    ax.set_ylabel("f1 (lower is better)")
+    ax.set_title(f"{method}: configuration pool and Pareto front per search round")
+    ax.grid(alpha=0.3)
+    if shown:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def log_figure(client, run_id: str, fig, path: str) -> None:
+    plt = _pyplot()
+    try:
+        client.log_figure(run_id, fig, path)
+    finally:
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage folders
+# ---------------------------------------------------------------------------------------------------------
+
+def stage_files(folder: Path, skip: Iterable[Path] = ()) -> list[Path]:
+    """Small readable files of a stage folder (never weights), capped in size and count."""
+    skipped = [s.resolve() for s in skip]
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name == MANIFEST or path.suffix.lower() not in ARTIFACT_SUFFIXES:
+            continue
+        if any(s in path.resolve().parents for s in skipped):
+            continue
+        if path.stat().st_size > MAX_ARTIFACT_BYTES:
+            log.info("tracking: not logging %s (%d bytes)", path, path.stat().st_size)
+            continue
+        files.append(path)
+    if len(files) > MAX_FILES_PER_STAGE:
+        log.info("tracking: %s has %d small files; logging the first %d", folder, len(files), MAX_FILES_PER_STAGE)
+    return files[:MAX_FILES_PER_STAGE]
+
+
+def configuration_tables(folder: Path, skip: Iterable[Path] = ()) -> dict[Path, list[dict]]:
+    """CSV files of the folder (not under ``skip``) whose rows have ``bits`` and a metric column."""
+    skipped = [s.resolve() for s in skip]
+    tables = {}
+    for path in sorted(folder.rglob("*.csv")):
+        if path.stat().st_size > MAX_ARTIFACT_BYTES or any(s in path.resolve().parents for s in skipped):
+            continue
+        try:
+            rows = read_csv(path)
+        except (OSError, csv.Error, UnicodeDecodeError):
+            continue
+        if rows and "bits" in rows[0] and metric_columns(rows):
+            tables[path] = rows
+    return tables
+
+
+def method_folders(train_dir: Path) -> dict[str, Path]:
+    """``method → folder`` for every folder of the train stage holding a train.json."""
+    return {p.parent.name: p.parent for p in sorted(train_dir.glob("*/train.json"))}
+
+
+def log_stage(client, exp_id: str, parent_id: str, stage, params, root: Path,
+              state: str | None) -> tuple[str, dict[Path, list[dict]]]:
+    """One child run for ``stage``; returns its id (method runs of train nest under it) and its tables."""
+    folder = stage.out_dir(root)
+    record = _read_json(folder / RECORD) or {}
+    summary = record.get("summary") or {}
+    run = client.create_run(exp_id, run_name=stage.name, tags={
+        "mlflow.parentRunId": parent_id, "coalora.kind": "stage", "coalora.stage": stage.name,
+        "coalora.state": state or "Existing", "coalora.stage_key": str(record.get("key", "")),
+        "mlflow.note.content": stage.description})
+    run_id = run.info.run_id
+    log_params(client, run_id, flatten(params.sections(stage.params)))
+    log_metrics(client, run_id, {f"summary.{k}": v for k, v in numbers(flatten(summary)).items()})
+    for name in stage.metrics:
+        values = _read_json(folder / name) if (folder / name).is_file() else None
+        if isinstance(values, dict):
+            log_metrics(client, run_id, numbers(flatten(values)))
+    methods = method_folders(folder) if stage.name == "train" else {}
+    for path in stage_files(folder, skip=methods.values()):
+        client.log_artifact(run_id, str(path), _artifact_dir(path.relative_to(folder)))
+    tables = configuration_tables(folder, skip=methods.values())
+    for path, rows in tables.items():
+        log_table(client, run_id, rows, f"tables/{path.stem}.json")
+        for metric in metric_columns(rows):
+            log_figure(client, run_id, pareto_figure(rows, metric), f"pareto/{path.stem}_{metric}.png")
+    for method, method_dir in methods.items():
+        log_method(client, exp_id, run_id, method, method_dir)
+    client.set_terminated(run_id, "FINISHED" if state in (None, "Completed", "Cached") else "FAILED")
+    return run_id, tables
+
+
+def _artifact_dir(rel: Path) -> str | None:
+    parent = rel.parent.as_posix()
+    return None if parent == "." else parent
+
+
+def log_table(client, run_id: str, rows: list[dict], artifact_file: str) -> None:
+    """``log_table`` wants columns of equal length: missing cells become None."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    client.log_table(run_id, {c: [r.get(c) for r in rows] for c in columns}, artifact_file)
+
+
+def log_method(client, exp_id: str, parent_id: str, method: str, folder: Path) -> str:
+    """A training method's run: params, final metrics, loss curve, search rounds, adapter files."""
+    record = _read_json(folder / "train.json") or {}
+    run = client.create_run(exp_id, run_name=f"train/{method}", tags={
+        "mlflow.parentRunId": parent_id, "coalora.kind": "method", "coalora.method": method,
+        "mlflow.note.content": str(record.get("description", ""))})
+    run_id = run.info.run_id
+    # Settings are params; results (losses, times, step counts) are metrics.
+    settings = {k: v for k, v in record.items() if k not in _METHOD_METRICS and (
+        isinstance(v, (str, int, bool)) or v is None or k in ("train", "budget", "target_bits", "k"))}
+    log_params(client, run_id, flatten(settings))
+    log_metrics(client, run_id, {k: float(record[k]) for k in _METHOD_METRICS if _num(record.get(k))})
+    if (folder / "loss.csv").is_file():
+        rows = read_csv(folder / "loss.csv")
+        log_series(client, run_id, "loss", [(int(r["step"]), r["loss"]) for r in rows
+                                            if _num(r.get("step")) and _num(r.get("loss"))])
+        client.log_artifact(run_id, str(folder / "loss.csv"))
+    log_rounds(client, run_id, method, record.get("rounds"), folder)
+    log_adapters(client, run_id, folder)
+    client.log_artifact(run_id, str(folder / "train.json"))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+_METHOD_METRICS = ("final_loss", "eval_loss_before_mean", "eval_loss_after_mean", "seconds", "wall_seconds",
+                   "steps")
+
+
+def log_rounds(client, run_id: str, method: str, rounds: Any, folder: Path) -> None:
+    """Per-round pool hypervolume (and pool/front sizes) as step metrics, a Pareto figure per round."""
+    if not isinstance(rounds, list) or not rounds:
+        return
+    rounds = [r for r in rounds if isinstance(r, dict)]
+    for i, record in enumerate(rounds):
+        step = int(record.get("round", i))
+        values = {name: float(record[name]) for name in ("hypervolume", "hv_reference_bits", "step")
+                  if _num(record.get(name))}
+        values["pool_size"] = float(len(record.get("pool") or []))
+        values["front_size"] = float(len(record.get("front") or []))
+        log_metrics(client, run_id, {f"search.{k}": v for k, v in values.items()}, step=step)
+        log_figure(client, run_id, rounds_figure(method, rounds, upto=step), f"pareto/round_{step:03d}.png")
+    log_figure(client, run_id, rounds_figure(method, rounds), "pareto/rounds.png")
+    if (folder / "rounds.csv").is_file():
+        client.log_artifact(run_id, str(folder / "rounds.csv"))
+
+
+def log_adapters(client, run_id: str, folder: Path) -> None:
+    """Every safetensors file under the method folder (the adapter, θ included; per-config adapters)."""
+    for path in sorted(folder.rglob("*.safetensors")):
+        size = path.stat().st_size
+        if size > MAX_ADAPTER_BYTES:
+            log.warning("tracking: not logging %s: %d bytes is no adapter", path, size)
+            continue
+        client.log_artifact(run_id, str(path), "adapter/" + path.parent.relative_to(folder).as_posix()
+                            if path.parent != folder else "adapter")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pipeline run
+# ---------------------------------------------------------------------------------------------------------
+
+def log_pipeline(root: Path | str, profile: str | None = None, outcome: dict | None = None, *,
+                 experiment: str | None = None, run_name: str | None = None) -> TrackedRun:
+    """Log the pipeline run at ``root`` to MLflow: a parent run and its child runs.
+
+    Args:
+        root: the project folder.
+        profile: the params profile the run used (``--profile``).
+        outcome: the flow's result ``{"stages": {name: {"state", "summary"}}}``; None logs every stage whose
+            output folder exists (``coalora track``).
+        experiment: experiment name; default ``MLFLOW_EXPERIMENT_NAME`` or ``coalora``.
+        run_name: the parent run's name; default ``pipeline <profile> <UTC time>``.
+    """
+    from coalora.params import dump_params, load_params
+    from coalora.stages import STAGES
+
+    root = Path(root).resolve()
+    params = load_params(root, profile)
+    states = {name: o.get("state") for name, o in (outcome or {}).get("stages", {}).items()}
+    stages = [s for s in STAGES.values() if (s.name in states if outcome else (s.out_dir(root) / RECORD).is_file())]
+    if not stages:
+        raise UserError(f"track: no stage output under {root / 'artifacts'}; run `coalora run` first")
+    client, uri = _client(root)
+    exp_id = experiment_id(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT, root, uri)
+    name = run_name or f"pipeline {profile or 'default'} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}"
+    parent = client.create_run(exp_id, run_name=name, tags={
+        "coalora.kind": "pipeline", "coalora.root": str(root), "coalora.profile": profile or "",
+        **{f"coalora.state.{n}": str(s) for n, s in states.items()}})
+    parent_id = parent.info.run_id
+    status = "FINISHED"
+    try:
+        log_params(client, parent_id, flatten(params.model_dump(mode="json")))
+        client.log_text(parent_id, dump_params(params), "params.yaml")
+        if (root / "dvc.lock").is_file():
+            client.log_artifact(parent_id, str(root / "dvc.lock"))
+        for stage in stages:
+            _, tables = log_stage(client, exp_id, parent_id, stage, params, root, states.get(stage.name))
+            # The headline figures also on the parent run: the first page a user opens.
+            for path, rows in tables.items():
+                for metric in metric_columns(rows):
+                    log_figure(client, parent_id, pareto_figure(rows, metric),
+                               f"pareto/{stage.name}_{path.stem}_{metric}.png")
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        client.set_terminated(parent_id, status)
+    return TrackedRun(parent_id, exp_id, uri)
+
+
+def ui_command(root: Path | str, host: str = UI_HOST, port: int = UI_PORT) -> list[str]:
+    """``mlflow ui`` on loopback over the project's store (artifacts are read from their local folder)."""
+    mlflow = Path(sys.executable).parent / "mlflow"
+    return [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", tracking_uri(root),
+            "--host", host, "--port", str(port)]

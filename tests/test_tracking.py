@@ -1,0 +1,183 @@
+"""MLflow tracking on small synthetic stage folders: the run tree, curves, figures, tables and adapter files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coalora.stages.core import Stage
+
+ROUNDS = [
+    {"round": 0, "step": 4, "pool": [{"id": "a", "bits": 2.5, "f1": 3.0}, {"id": "b", "bits": 4.0, "f1": 2.0},
+                                     {"id": "c", "bits": 4.5, "f1": 2.5}],
+     "front": ["a", "b"], "hypervolume": 0.25, "hv_reference": [1.0, 4.0]},
+    {"round": 1, "step": 8, "pool": [{"id": "a", "bits": 2.5, "f1": 2.8}, {"id": "d", "bits": 3.2, "f1": 2.2},
+                                     {"id": "b", "bits": 4.0, "f1": 1.9}],
+     "front": ["a", "d", "b"], "hypervolume": 0.4, "hv_reference": [1.0, 4.0]},
+]
+LOSSES = [3.5, 3.1, 2.9, 2.7, 2.6, 2.55]
+
+
+def _record(folder: Path, name: str, summary: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "stage.json").write_text(json.dumps({"stage": name, "key": "k" * 64, "summary": summary}))
+
+
+def _csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def project(repo_root, tmp_path, monkeypatch) -> Path:
+    """A project with params.yaml and synthetic outputs of data, base_model, train and an evaluate stage."""
+    from safetensors.numpy import save_file
+
+    import coalora.stages as stages
+
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(repo_root / "params.yaml", root / "params.yaml")
+    art = root / "artifacts"
+    _record(art / "data", "data", {"rows": 10})
+    _record(art / "base_model", "base_model", {"ppl": 12.5})
+    (art / "base_model" / "model").mkdir()
+    save_file({"w": np.ones((4, 4), np.float32)}, str(art / "base_model" / "model" / "model.safetensors"))
+    (art / "base_model" / "metrics.json").write_text(json.dumps({"ppl": 12.5, "acc": {"boolq": 0.7}}))
+    _record(art / "train", "train", {"pool": 3, "methods": {"coalora": {"final_loss": 2.55}}})
+    (art / "train" / "metrics.json").write_text(json.dumps({"coalora.final_loss": 2.55}))
+    method = art / "train" / "coalora"
+    method.mkdir()
+    (method / "train.json").write_text(json.dumps({
+        "method": "coalora", "description": "one adapter, θ", "k": 2, "steps": 6, "final_loss": 2.55,
+        "eval_loss_after_mean": 2.6, "train": {"lr": 3e-4, "batch_size": 4}, "rounds": ROUNDS}))
+    _csv(method / "loss.csv", [{"step": i, "run": "joint", "loss": v} for i, v in enumerate(LOSSES)])
+    save_file({"lora_A": np.arange(8, dtype=np.float32).reshape(2, 4)}, str(method / "adapter.safetensors"))
+    rows = [{"method": m, "config_id": f"{m}{i}", "bits": b, "seen": i % 2 == 0, "accuracy": acc, "ppl": ppl}
+            for m, shift in (("coalora", 0.05), ("qlora", 0.0))
+            for i, (b, acc, ppl) in enumerate([(2.5, 0.55, 20.0), (3.0, 0.6, 16.0), (4.0, 0.66, 13.0)])
+            for acc, ppl in [(acc + shift, ppl - 10 * shift)]]
+    _record(art / "evaluate", "evaluate", {"configs": 6})
+    _csv(art / "evaluate" / "results.csv", rows)
+    evaluate = Stage(name="evaluate", fn=lambda p, c: {}, params=("eval",), deps=("train",),
+                     description="synthetic evaluation")
+    real = stages.all_stages
+    monkeypatch.setattr(stages, "all_stages", lambda: {**real(), "evaluate": evaluate})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    return root
+
+
+def _runs(client, exp_id: str) -> dict:
+    runs = client.search_runs([exp_id], max_results=100)
+    return {r.info.run_name: r for r in runs}
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def _non_blank_png(path: str) -> bool:
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    return image.ndim == 3 and float(image[..., :3].std()) > 0.05
+
+
+def test_pipeline_run_tree_metrics_figures_tables_adapters(project):
+    from mlflow.tracking import MlflowClient
+
+    from coalora.track import log_pipeline
+
+    outcome = {"stages": {n: {"state": "Completed", "summary": {}}
+                          for n in ("data", "base_model", "train", "evaluate")}}
+    tracked = log_pipeline(project, outcome=outcome, run_name="synthetic")
+    assert tracked.tracking_uri == f"sqlite:///{project / '.coalora' / 'mlflow.db'}"
+    assert (project / ".coalora" / "mlflow.db").is_file()
+    client = MlflowClient(tracked.tracking_uri)
+    runs = _runs(client, tracked.experiment_id)
+    assert set(runs) == {"synthetic", "data", "base_model", "train", "evaluate", "train/coalora"}
+    parent = runs["synthetic"]
+    for name in ("data", "base_model", "train", "evaluate"):
+        assert runs[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    method = runs["train/coalora"]
+    assert method.data.tags["mlflow.parentRunId"] == runs["train"].info.run_id
+
+    # Params: a stage gets exactly the sections it reads; the parent gets them all.
+    assert set(runs["evaluate"].data.params) == {k for k in parent.data.params if k.startswith("eval.")}
+    assert runs["train"].data.params["train.lr"] == parent.data.params["train.lr"]
+    assert runs["base_model"].data.metrics["acc.boolq"] == pytest.approx(0.7)
+    assert runs["base_model"].data.metrics["summary.ppl"] == pytest.approx(12.5)
+
+    # Curves: the loss curve step by step; the pool hypervolume per search round.
+    loss = client.get_metric_history(method.info.run_id, "loss")
+    assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == \
+        [(i, pytest.approx(v)) for i, v in enumerate(LOSSES)]
+    hv = client.get_metric_history(method.info.run_id, "search.hypervolume")
+    assert sorted((m.step, m.value) for m in hv) == [(0, 0.25), (1, 0.4)]
+    assert method.data.params["train.lr"] == "0.0003" and method.data.metrics["final_loss"] == 2.55
+
+    # Figures and tables.
+    parent_files = _artifacts(client, parent.info.run_id)
+    assert {"pareto/evaluate_results_accuracy.png", "pareto/evaluate_results_ppl.png", "params.yaml"} <= parent_files
+    assert "tables/results.json" in _artifacts(client, runs["evaluate"].info.run_id)
+    method_files = _artifacts(client, method.info.run_id)
+    assert {"pareto/round_000.png", "pareto/round_001.png", "pareto/rounds.png", "loss.csv",
+            "adapter/adapter.safetensors", "train.json"} <= method_files
+    local = client.download_artifacts(parent.info.run_id, "pareto/evaluate_results_accuracy.png")
+    assert _non_blank_png(local)
+    table = json.loads(Path(client.download_artifacts(runs["evaluate"].info.run_id,
+                                                      "tables/results.json")).read_text())
+    assert len(table["data"]) == 6 and "bits" in table["columns"]
+
+    # The adapter byte for byte; no other weights anywhere (the base model never leaves the project).
+    adapter = client.download_artifacts(method.info.run_id, "adapter/adapter.safetensors")
+    assert Path(adapter).read_bytes() == (project / "artifacts/train/coalora/adapter.safetensors").read_bytes()
+    logged = list((project / ".coalora" / "mlartifacts").rglob("*.safetensors"))
+    assert [p.name for p in logged] == ["adapter.safetensors"]
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+
+
+def test_tracking_uri_env_overrides_and_track_logs_existing_stages(project, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from coalora.track import log_pipeline
+
+    other = tmp_path / "elsewhere" / "store.db"
+    other.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    shutil.rmtree(project / "artifacts" / "evaluate")
+    tracked = log_pipeline(project)  # no outcome: every stage with an output folder
+    assert other.is_file() and not (project / ".coalora" / "mlflow.db").exists()
+    runs = _runs(MlflowClient(tracked.tracking_uri), tracked.experiment_id)
+    assert {n for n in runs if not n.startswith("pipeline")} == {"data", "base_model", "train", "train/coalora"}
+
+
+def test_nothing_to_track_is_a_user_error(repo_root, tmp_path):
+    from coalora.errors import UserError
+    from coalora.track import log_pipeline
+
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    with pytest.raises(UserError, match="track: no stage output"):
+        log_pipeline(tmp_path)
+
+
+def test_front_and_round_points():
+    from coalora.track import front_indices, round_points
+
+    xs, ys = [2.0, 3.0, 4.0, 5.0], [0.5, 0.4, 0.6, 0.7]
+    assert front_indices(xs, ys, lower_better=False) == [0, 2, 3]  # accuracy: higher is better
+    assert front_indices(xs, ys, lower_better=True) == [0, 1]
+    pool, front = round_points(ROUNDS[1])
+    assert len(pool) == 3 and front == [(2.5, 2.8), (3.2, 2.2), (4.0, 1.9)]
+    assert round_points({"pool": [{"id": "x", "bits": 3, "f1": 1}], "front": [0]})[1] == [(3.0, 1.0)]
