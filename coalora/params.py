@@ -176,7 +176,7 @@ class LoraParams(Section):
 
 
 # The training methods (METHOD.md §4, §6); coalora.train.methods holds one table row per name.
-TRAIN_METHODS = ("coalora", "qlora", "lqlora", "shared", "qlora-bnb")
+TRAIN_METHODS = ("coalora", "coalora-frozen", "coalora-random", "qlora", "lqlora", "shared", "qlora-bnb")
 
 
 class TrainParams(Section):
@@ -223,6 +223,35 @@ class TrainParams(Section):
         return methods
 
 
+class SearchParams(Section):
+    """The Pareto configuration search interleaved with coalora's training (METHOD.md §5).
+
+    A joint run of S steps holds ``rounds`` + 1 rounds: round 0 at step 0 (measure only), round r at step
+    ⌊r·S/rounds⌋. Each round re-measures f1 (the held-out loss on a fixed slice of ``f1_sequences``
+    sequences) of every seen config with the current adapter and θ, proposes ``q`` new configs (coalora:
+    qLogNEHVI over ``n_candidates`` candidates, ``mc_samples`` quasi-MC samples; coalora-random: q of the
+    same candidates at random; coalora-frozen: none), then keeps the non-dominated configs of each of
+    ``n_segments`` equal bits segments over the whole range. Hypervolumes: points (bits/8, f1/f1_scale),
+    f1_scale the worst f1 of the initial pool at step 0, reference ``hv_reference``.
+    """
+
+    rounds: int = Field(ge=1)
+    q: int = Field(ge=1)
+    n_segments: int = Field(ge=1)
+    n_candidates: int = Field(ge=1)
+    mc_samples: int = Field(ge=1)
+    f1_sequences: int = Field(ge=1)
+    hv_reference: list[float] = Field(min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _enough_candidates(self) -> "SearchParams":
+        if self.n_candidates < self.q:
+            raise ValueError(f"n_candidates ({self.n_candidates}) must be at least q ({self.q})")
+        if min(self.hv_reference) <= 0:
+            raise ValueError(f"hv_reference {self.hv_reference} must be positive (normalised objectives)")
+        return self
+
+
 class Params(Section):
     """The whole of params.yaml. No key has a default in code: params.yaml is the single source."""
 
@@ -236,6 +265,7 @@ class Params(Section):
     allocate: AllocateParams
     lora: LoraParams
     train: TrainParams
+    search: SearchParams
 
     def sections(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The JSON-able values of the named top-level sections (what a stage's cache key hashes)."""

@@ -15,7 +15,7 @@ import yaml
 
 from coalora.artifacts import MANIFEST, build_manifest, read_json, write_json, write_jsonl
 from coalora.errors import UserError
-from coalora.params import LoraParams, TrainParams
+from coalora.params import LoraParams, SearchParams, TrainParams
 from coalora.quant import QuantSpec
 from coalora.space import config_from_rules, quantized_layers
 from coalora.train import METHODS, TrainSetup, Trainer, target_set, train_method
@@ -74,13 +74,22 @@ def lora_params() -> LoraParams:
                                       "confignet": {"embed_dim": 4, "hidden": 16, "init_std": 0.001}})
 
 
-def tiny_setup(**overrides) -> TrainSetup:
+def search_params(**overrides) -> SearchParams:
+    """Two rounds (at steps 8 and 16 of the 16-step joint run, after round 0), two proposals each."""
+    values = dict(rounds=2, q=2, n_segments=3, n_candidates=16, mc_samples=8, f1_sequences=2,
+                  hv_reference=[1.1, 1.1])
+    return SearchParams(**{**values, **overrides})
+
+
+def tiny_setup(search: SearchParams | None = None, **overrides) -> TrainSetup:
     p = train_params(**overrides)
     tok = CharTokenizer()
     pool = tiny_pool()
     return TrainSetup(p, lora_params(), 7, tiny_model, LAYERS, pool, target_set(pool, p.target_bits),
                       text_batches(tok, tiny_texts(40, 1), p.seq_len, p.batch_size),
-                      text_windows(tok, tiny_texts(20, 2), p.seq_len, p.eval_sequences), progress=False)
+                      text_windows(tok, tiny_texts(20, 2), p.seq_len, p.eval_sequences), progress=False,
+                      search=search or search_params(),
+                      f1_batch=text_windows(tok, tiny_texts(20, 3), p.seq_len, 2))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -130,9 +139,14 @@ def test_every_method_lowers_the_held_out_loss_and_spends_its_budget(name, tmp_p
 
 def test_coalora_draws_from_the_pool_and_shared_from_the_targets(tmp_path):
     setup = tiny_setup()
+    frozen = train_method(METHODS["coalora-frozen"], setup, tmp_path / "f").runs[0]
     coalora = train_method(METHODS["coalora"], setup, tmp_path / "c").runs[0]
     shared = train_method(METHODS["shared"], setup, tmp_path / "s").runs[0]
-    assert set(coalora.draws) == {c.id for c in setup.pool}  # 16 steps × 2 of 4 configs: all seen
+    assert set(frozen.draws) == {c.id for c in setup.pool}  # 16 steps × 2 of 4 configs: all seen
+    # coalora draws from the pool of each round: the initial one, then the rebuilt one (proposals included)
+    seen = [e["id"] for e in coalora.search["seen"]]
+    pools = [{p["id"] for p in r["pool"]} for r in coalora.search["rounds"]]  # after rounds 0, 1, 2
+    assert set(coalora.draws) <= set(seen) and set(coalora.draws) <= pools[0] | pools[1]
     assert set(shared.draws) == {c.id for c in setup.targets}
     assert coalora.configs == shared.configs == [c.id for c in setup.targets]
 
@@ -141,10 +155,22 @@ def adapters_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name, kill_step, run_index", [("coalora", 10, 0), ("lqlora", 5, 1)])
-def test_killed_method_resumes_to_identical_weights(name, kill_step, run_index, tmp_path):
-    """A kill mid-run (for lqlora: in the SECOND config's run) and a restart end exactly where an
-    uninterrupted run ends; finished runs are loaded, not retrained."""
+def without_seconds(search: dict | None) -> dict | None:
+    """The search state minus wall-clock times (the one thing a resumed run may differ in)."""
+    if search is None:
+        return None
+    return {**search, "rounds": [{k: v for k, v in r.items() if k != "seconds"} for r in search["rounds"]]}
+
+
+@pytest.mark.parametrize("name, kill_step, run_index, first_resumed", [
+    ("coalora", 10, 0, 10),        # checkpoint 9, after round 1 (step 8): resumes mid-segment
+    ("coalora-random", 8, 0, 7),   # killed before round 1 ran: back to checkpoint 6, round 1 redone
+    ("lqlora", 5, 1, 4),
+])
+def test_killed_method_resumes_to_identical_weights(name, kill_step, run_index, first_resumed, tmp_path):
+    """A kill mid-run (for lqlora: in the SECOND config's run; for the pool methods: around a search round)
+    and a restart end exactly where an uninterrupted run ends, search state included; finished runs are
+    loaded, not retrained."""
     method = METHODS[name]
     straight = train_method(method, tiny_setup(), tmp_path / "straight")
     setup = tiny_setup()
@@ -154,11 +180,14 @@ def test_killed_method_resumes_to_identical_weights(name, kill_step, run_index, 
     resumed_steps = []
     resumed = train_method(method, tiny_setup(), tmp_path / "killed",
                            on_step=lambda t: resumed_steps.append((t.desc, t.step)))
-    assert resumed_steps[0] == (f"{name} {run_name}", 10 if name == "coalora" else 4)  # after checkpoint 9 / 3
+    assert resumed_steps[0] == (f"{name} {run_name}", first_resumed)
     assert all(desc.endswith(run_name) for desc, _ in resumed_steps)  # the finished run was not retrained
     for a, b in zip(straight.runs, resumed.runs):
         assert adapters_equal(a.adapter, b.adapter)
         assert a.losses == b.losses and a.eval_after == b.eval_after and a.eval_before == b.eval_before
+        assert without_seconds(a.search) == without_seconds(b.search)
+    if METHODS[name].has_pool:
+        assert len(straight.runs[0].search["rounds"]) == 3 and straight.runs[0].search["rounds"][2]["proposed"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,7 +323,8 @@ def test_train_stage_on_instruction_data(tmp_path, repo_root):
 
 
 @pytest.mark.parametrize("train, message", [
-    ({"methods": ["coalora", "lora"]}, "train.methods.1: Input should be 'coalora', 'qlora', 'lqlora', 'shared'"),
+    ({"methods": ["coalora", "lora"]}, "train.methods.1: Input should be 'coalora', 'coalora-frozen', "
+                                       "'coalora-random', 'qlora', 'lqlora', 'shared'"),
     ({"target_bits": [1.5, 3.0]}, "train.target_bits: Value error, [1.5] out of range"),
     ({"target_bits": [2.3, 8.5]}, "train.target_bits: [8.5] outside the pool's bits range"),
     ({"k": 7}, "train.k: 7 configs per step, but the pool holds only 4"),

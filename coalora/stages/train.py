@@ -5,7 +5,12 @@ method of ``train.methods`` (the table in ``coalora.train.methods``) writes
 
     <method>/adapter.safetensors              joint methods (coalora, shared): the one adapter (+ θ)
     <method>/<config id>/adapter.safetensors  per-config methods (qlora, lqlora, qlora-bnb): one per config
-    <method>/train.json                       steps, seconds, losses, configs, K, target bits, budget
+    <method>/train.json                       steps, seconds, losses, configs, K, target bits, budget;
+                                              pool methods: ``rounds`` (per search round: step, pool with
+                                              bits and f1, front, hypervolume and its reference, proposals)
+    <method>/pool/<config id>.json            pool methods (coalora, coalora-frozen, coalora-random): the
+                                              FINAL pool, each a ``Config.save`` file
+    <method>/rounds.csv                       pool methods: round, id, bits, f1, in_pool, on_front
     <method>/loss.csv                         step, run, loss (per-config runs follow each other)
     targets.json                              the target set: id, bits, target bits
     metrics.json                              flat: final loss, held-out loss before/after, seconds per method
@@ -63,9 +68,35 @@ def training_data(params: Params, tokenizer, data_dir: Path):
             instruct_table(tokenizer, held_rows, p.seq_len, p.batch_size).all())
 
 
+def f1_slice(params: Params, tokenizer, data_dir: Path) -> dict | None:
+    """The fixed held-out slice search rounds measure f1 on (None when no method has a pool).
+
+    text: the LAST ``search.f1_sequences`` windows of the validation text (apart from the held-out batch
+    and the perplexity windows, which take the first ones); instruct: the first ``f1_sequences`` held-out
+    rows (the same rows the held-out batch holds: the instruction data has no other held-out part).
+    """
+    from coalora.data import layout
+    from coalora.train import METHODS
+    from coalora.train.batches import instruct_table, tail_windows
+
+    if not any(METHODS[name].has_pool for name in params.train.methods):
+        return None
+    p, n = params.train, params.search.f1_sequences
+    if p.data == "text":
+        held = [row["text"] for row in read_jsonl(layout.data_file(data_dir, "c4_validation"))]
+        return tail_windows(tokenizer, held, p.seq_len, n, head=p.eval_sequences)
+    if n > p.eval_sequences:
+        raise UserError(f"search.f1_sequences: {n} rows, but instruction data holds out only "
+                        f"train.eval_sequences = {p.eval_sequences}; lower it")
+    rows = read_jsonl(layout.data_file(data_dir, "instruct"))[-p.eval_sequences:][:n]
+    return instruct_table(tokenizer, rows, p.seq_len, p.batch_size).all()
+
+
 def check_k(params: Params, pool_size: int) -> None:
-    """coalora draws ``train.k`` distinct pool configs per step: fail before any training when it cannot."""
-    if "coalora" in params.train.methods and params.train.k > pool_size:
+    """Pool methods draw ``train.k`` distinct pool configs per step: fail before any training when they cannot."""
+    from coalora.train import METHODS
+
+    if any(METHODS[name].has_pool for name in params.train.methods) and params.train.k > pool_size:
         raise UserError(f"train.k: {params.train.k} configs per step, but the pool holds only {pool_size}; "
                         f"lower train.k or enlarge the pool (allocate.grid_size)")
 
@@ -74,7 +105,7 @@ def method_work(ctx: StageContext, params: Params, method: str) -> Path:
     """``ctx.work/<method>``, emptied first when its checkpoints were made from other inputs or params."""
     fingerprint = content_id({
         "method": method, "seed": params.seed,
-        "sections": params.sections(("quant", "lora")),
+        "sections": params.sections(("quant", "lora", "search")),
         "train": {k: v for k, v in params.sections(("train",))["train"].items() if k != "methods"},
         "inputs": {name: folder_digest(path) for name, path in sorted(ctx.inputs.items())},
     }, length=64)
@@ -103,7 +134,8 @@ def run(params: Params, ctx: StageContext) -> dict:
     check_k(params, len(pool))
     batches, eval_batch = training_data(params, tokenizer, ctx.input("data"))
     setup = TrainSetup(p, params.lora, params.seed, lambda: load_base(base_dir, p.dtype)[0], layers, pool,
-                       targets, batches, eval_batch, ctx.progress)
+                       targets, batches, eval_batch, ctx.progress, search=params.search,
+                       f1_batch=f1_slice(params, tokenizer, ctx.input("data")))
     target_rows = [{"id": c.id, "bits": c.bits, "target_bits": b} for c, b in zip(targets, p.target_bits)]
     write_json(ctx.out / "targets.json", {"targets": target_rows, "pool": len(pool)})
     records = {}
@@ -189,8 +221,29 @@ def write_method(folder: Path, result, setup, target_rows: list[dict], wall: flo
     writer.writerows((step, run, f"{loss:.6f}") for step, run, loss in rows)
     write_text_atomic(folder / "loss.csv", buffer.getvalue())
     record = method_record(result, setup, target_rows, wall)
+    if result.method.has_pool and result.runs:
+        write_search(folder, result.runs[0].search, setup.layers, record)
     write_json(folder / "train.json", record)
     return record
+
+
+def write_search(folder: Path, state: dict, layers, record: dict) -> None:
+    """A pool method's final pool (``pool/<id>.json``), its rounds (into ``record``) and ``rounds.csv``."""
+    from coalora.search import pool_configs
+
+    for config in pool_configs(state, layers):
+        config.save(folder / "pool" / f"{config.id}.json")
+    record["search"] = {"seen": len(state["seen"]), "f1_scale": state["f1_scale"], "pool": state["pool"],
+                        "hypervolume": [r["hypervolume"] for r in state["rounds"]]}
+    record["rounds"] = [{k: v for k, v in r.items() if k != "measured"} for r in state["rounds"]]  # all: rounds.csv
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("round", "id", "bits", "f1", "in_pool", "on_front"))
+    for r in state["rounds"]:
+        pool, front = set(p["id"] for p in r["pool"]), set(r["front"])
+        writer.writerows((r["round"], m["id"], f"{m['bits']:.6f}", f"{m['f1']:.6f}", int(m["id"] in pool),
+                          int(m["id"] in front)) for m in r["measured"])
+    write_text_atomic(folder / "rounds.csv", buffer.getvalue())
 
 
 def write_adapter(path: Path, tensors: dict, header: dict) -> None:
@@ -234,9 +287,10 @@ def _line(r: dict) -> str:
 STAGE = Stage(
     name="train",
     fn=run,
-    params=("seed", "quant", "lora", "train"),
+    params=("seed", "quant", "lora", "train", "search"),
     deps=("data", "base_model", "allocate"),
-    code=("coalora/train", "coalora/model", "coalora/quant", "coalora/space.py", "coalora/stages/train.py"),
+    code=("coalora/train", "coalora/search", "coalora/pareto.py", "coalora/model", "coalora/quant",
+          "coalora/space.py", "coalora/stages/train.py"),
     metrics=(METRICS,),
     description="CoA-LoRA and the baselines trained for the same target configs (checkpointed, resumable)",
 )

@@ -113,6 +113,25 @@ def text_windows(tokenizer, texts: Sequence[str], seq_len: int, n: int) -> dict[
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def tail_windows(tokenizer, texts: Sequence[str], seq_len: int, n: int, head: int) -> dict[str, torch.Tensor]:
+    """The LAST ``n`` non-overlapping windows of the packed text: the fixed slice search rounds measure f1 on.
+
+    Taken from the end so it stays apart from the first windows, which the held-out batch (``head`` of
+    them) and the perplexity protocol score.
+
+    Raises:
+        UserError: naming ``search.f1_sequences`` when the text cannot hold ``head + n`` windows.
+    """
+    stream = pack_stream(tokenizer, texts)
+    total = len(stream) // seq_len
+    if total < head + n:
+        raise UserError(f"search.f1_sequences: {n} windows after the {head} held-out ones (train.eval_sequences) "
+                        f"need {(head + n) * seq_len} tokens, but the held-out text has only {len(stream)}; lower "
+                        f"them")
+    ids = stream[(total - n) * seq_len: total * seq_len].view(n, seq_len)  # (n, T)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
 def format_prompt(row: dict) -> str:
     """The Alpaca-style prompt of an instruction row (``input`` may be empty)."""
     template = PROMPT if row.get("input") else PROMPT_NO_INPUT

@@ -1,12 +1,18 @@
 """The training methods as data: one row per method, read by the one training loop (METHOD.md §4, §6).
 
-| method    | model     | θ   | LoRA init          | runs                 | configs per step                |
-|-----------|-----------|-----|--------------------|----------------------|---------------------------------|
-| coalora   | CoAModel  | yes | A random, B = 0    | one over the pool    | ``train.k`` sampled from pool   |
-| qlora     | CoAModel  | no  | A random, B = 0    | one per target       | that target                     |
-| lqlora    | CoAModel  | no  | rank-r SVD of W    | one per target       | that target (residual quantized)|
-| shared    | CoAModel  | no  | A random, B = 0    | one over the targets | 1 sampled from the targets      |
-| qlora-bnb | peft+bnb  | no  | peft's (B = 0)     | one, uniform NF4     | the uniform QLoRA config        |
+| method         | model     | θ   | LoRA init          | runs                 | configs per step              | search |
+|----------------|-----------|-----|--------------------|----------------------|-------------------------------|--------|
+| coalora        | CoAModel  | yes | A random, B = 0    | one over the pool    | ``train.k`` sampled from pool | ehvi   |
+| coalora-frozen | CoAModel  | yes | A random, B = 0    | one over the pool    | ``train.k`` sampled from pool | none   |
+| coalora-random | CoAModel  | yes | A random, B = 0    | one over the pool    | ``train.k`` sampled from pool | random |
+| qlora          | CoAModel  | no  | A random, B = 0    | one per target       | that target                   |        |
+| lqlora         | CoAModel  | no  | rank-r SVD of W    | one per target       | that target (residual quant.) |        |
+| shared         | CoAModel  | no  | A random, B = 0    | one over the targets | 1 sampled from the targets    |        |
+| qlora-bnb      | peft+bnb  | no  | peft's (B = 0)     | one, uniform NF4     | the uniform QLoRA config      |        |
+
+The pool methods (sample from the pool) run search rounds (``coalora.search``): ``ehvi`` proposes new
+configs by qLogNEHVI, ``random`` the same number of random new candidates (the paper's "random extension"
+ablation), ``none`` keeps the initial pool (the "frozen pool" ablation) and only re-measures its f1.
 
 Budget: a per-config run trains ``train.steps_per_config`` steps; a joint run (coalora, shared) trains
 ``train.joint_steps`` steps, by default ``steps_per_config × len(targets)``: the cost of one per-config
@@ -37,6 +43,8 @@ class Method:
         sample_from: where a joint run draws each step's configs: the training ``pool`` or the ``targets``.
         k_from_params: draw ``train.k`` configs per step (else exactly 1).
         description: one line for summaries.
+        search: how a pool method's search rounds propose configs: ``ehvi``, ``random`` or ``none``
+            (``none`` for every method that does not draw from the pool).
     """
 
     name: str
@@ -47,6 +55,12 @@ class Method:
     sample_from: Literal["pool", "targets", "none"]
     k_from_params: bool
     description: str
+    search: Literal["ehvi", "random", "none"]
+
+    @property
+    def has_pool(self) -> bool:
+        """Draws from a training pool, which search rounds measure (and, unless ``none``, rebuild)."""
+        return self.runs == "joint" and self.sample_from == "pool"
 
     def k(self, p: TrainParams) -> int:
         """Configs per step."""
@@ -61,15 +75,19 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("coalora", "coa", True, "random", "joint", "pool", True,
-           "one LoRA + θ, K pool configs per step, losses summed"),
+           "one LoRA + θ, K pool configs per step, losses summed; pool grown by log-NEHVI search rounds", "ehvi"),
+    Method("coalora-frozen", "coa", True, "random", "joint", "pool", True,
+           "coalora without search: the initial pool throughout (ablation)", "none"),
+    Method("coalora-random", "coa", True, "random", "joint", "pool", True,
+           "coalora with random new configs instead of EHVI proposals (ablation)", "random"),
     Method("qlora", "coa", False, "random", "per_config", "none", False,
-           "a fresh LoRA per target config"),
+           "a fresh LoRA per target config", "none"),
     Method("lqlora", "coa", False, "svd", "per_config", "none", False,
-           "a LoRA per target config from the SVD of W; the residual quantized"),
+           "a LoRA per target config from the SVD of W; the residual quantized", "none"),
     Method("shared", "coa", False, "random", "joint", "targets", False,
-           "one LoRA, no θ, one target config sampled per step"),
+           "one LoRA, no θ, one target config sampled per step", "none"),
     Method("qlora-bnb", "bnb", False, "random", "uniform", "none", False,
-           "classic QLoRA: peft LoRA on bitsandbytes NF4 (4.127 bits)"),
+           "classic QLoRA: peft LoRA on bitsandbytes NF4 (4.127 bits)", "none"),
 )}
 
 assert tuple(METHODS) == TRAIN_METHODS, "coalora.params.TRAIN_METHODS and the table must name the same methods"

@@ -9,6 +9,10 @@ Every run checkpoints into ``work/<run>/step-N/``; a finished run leaves ``work/
 record, digest-verified), so a resumed method skips finished runs and continues the interrupted one.
 Before training, each run scores the fixed held-out batch under each of its configs ("before"); after
 training again ("after"): the loss-lowering check and the figures of the summary.
+
+A pool method (coalora and its ablations) trains in segments between search rounds (``coalora.search``):
+the round state lives in ``Trainer.extra["search"]``, so it is checkpointed with the weights, and a
+checkpoint is also written right after each round, so a resumed run does not redo finished rounds.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Callable
 
 import torch
 
-from coalora.params import LoraParams, TrainParams
+from coalora.params import LoraParams, SearchParams, TrainParams
+from coalora.search import pool_configs, round_steps, search_round
+from coalora.search.rounds import new_state
 from coalora.space import Config, Layers
 from coalora.train import checkpoint as ckpt
 from coalora.train.batches import Batches
@@ -47,6 +53,8 @@ class TrainSetup:
         batches: the training batch source.
         eval_batch: the fixed held-out batch, (N, T) tensors.
         progress: show progress bars.
+        search: ``search`` of params.yaml (needed by the pool methods only).
+        f1_batch: the fixed held-out slice f1 is measured on in search rounds, (n, T) tensors.
     """
 
     params: TrainParams
@@ -59,11 +67,14 @@ class TrainSetup:
     batches: Batches
     eval_batch: dict[str, torch.Tensor]
     progress: bool = True
+    search: SearchParams | None = None
+    f1_batch: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
 class RunResult:
-    """One finished run: its adapter, and what train.json records of it."""
+    """One finished run: its adapter, and what train.json records of it (``search``: a pool method's round
+    state, ``coalora.search.rounds``: seen configs with f1, the final pool ids, the per-round log)."""
 
     name: str
     configs: list[str]
@@ -74,6 +85,7 @@ class RunResult:
     eval_before: dict[str, float]
     eval_after: dict[str, float]
     adapter: dict[str, torch.Tensor]
+    search: dict | None = None
 
     @property
     def final_loss(self) -> float:
@@ -83,7 +95,7 @@ class RunResult:
     def record(self) -> dict:
         return {"name": self.name, "configs": self.configs, "steps": self.steps, "seconds": self.seconds,
                 "losses": self.losses, "draws": self.draws, "eval_before": self.eval_before,
-                "eval_after": self.eval_after}
+                "eval_after": self.eval_after, "search": self.search}
 
 
 @dataclass
@@ -187,13 +199,46 @@ def train_run(model, method: Method, setup: TrainSetup, name: str, sample: list[
     else:
         trainer.extra = {**identity, "runs_done": sorted(p.parent.name for p in run_dir.parent.glob("*/final")),
                          "eval_before": eval_losses(model, scored, setup.eval_batch, chunk)}
-    trainer.run(method.steps(setup.params, len(setup.targets)), sample, on_step)
+        if method.has_pool:
+            trainer.extra["search"] = new_state(sample)
+    if method.has_pool:
+        train_with_search(trainer, method, setup, on_step)
+    else:
+        trainer.run(method.steps(setup.params, len(setup.targets)), sample, on_step)
     after = eval_losses(model, scored, setup.eval_batch, chunk)
     result = RunResult(name, [c.id for c in scored], trainer.step, round(trainer.seconds, 3), trainer.losses,
-                       trainer.draws, trainer.extra["eval_before"], after, model.adapter_state_dict())
+                       trainer.draws, trainer.extra["eval_before"], after, model.adapter_state_dict(),
+                       trainer.extra.get("search"))
     ckpt.write_checkpoint(run_dir / ckpt.FINAL, {"adapter": result.adapter}, result.record())
     ckpt.prune(run_dir, keep=0)  # the final record replaces the step checkpoints
     return result
+
+
+def train_with_search(trainer: Trainer, method: Method, setup: TrainSetup,
+                      on_step: Callable[[Trainer], None] | None = None) -> None:
+    """Train a pool method in segments, a search round at each segment's end (``search.round_steps``),
+    continuing after the last round recorded in ``trainer.extra["search"]``.
+
+    Raises:
+        ValueError: the setup lacks ``search`` or ``f1_batch`` (a programming error, not user input).
+    """
+    if setup.search is None or setup.f1_batch is None:
+        raise ValueError(f"{method.name} runs search rounds: TrainSetup needs search and f1_batch")
+    state = trainer.extra["search"]
+    steps = round_steps(method.steps(setup.params, len(setup.targets)), setup.search.rounds)
+    k, chunk = method.k(setup.params), setup.params.batch_size
+
+    def evaluate(configs: list[Config]) -> dict[str, float]:
+        return eval_losses(trainer.model, configs, setup.f1_batch, chunk)
+
+    for r in range(len(state["rounds"]), len(steps)):
+        trainer.run(steps[r], pool_configs(state, setup.layers), on_step)
+        entry = search_round(state, r, steps[r], method.search, evaluate, setup.layers, setup.search, k, setup.seed)
+        log.info("%s round %d at step %d: pool %d, front %d, hypervolume %.4f, proposed %d (%.1f s)", method.name,
+                 r, steps[r], len(entry["pool"]), len(entry["front"]), entry["hypervolume"], len(entry["proposed"]),
+                 entry["seconds"])
+        if trainer.run_dir is not None:
+            trainer.save()  # the round's result is part of the state: a resume starts after it
 
 
 def _load_final(run_dir: Path, name: str) -> RunResult | None:
@@ -209,4 +254,4 @@ def _load_final(run_dir: Path, name: str) -> RunResult | None:
         return None
     s = found.state
     return RunResult(s["name"], s["configs"], s["steps"], s["seconds"], [(int(a), float(b)) for a, b in s["losses"]],
-                     s["draws"], s["eval_before"], s["eval_after"], found.tensors["adapter"])
+                     s["draws"], s["eval_before"], s["eval_after"], found.tensors["adapter"], s.get("search"))

@@ -1,0 +1,152 @@
+"""Search rounds interleaved with training (METHOD.md §5), as pure functions of a JSON state.
+
+A joint run of S steps with ``search.rounds`` = R holds R + 1 rounds, at steps
+
+    s_0 = 0,   s_r = ⌊r·S/R⌋  (r = 1..R; the last at the end of training)
+
+Round r, with the model as trained up to s_r:
+  1. re-measure f1 (held-out loss on the fixed ``f1`` slice) of EVERY seen config with the current adapter
+     and θ (defect (b) of the reference: it measured once, untrained, and never again). Round 0 only
+     measures: it fixes ``f1_scale`` = the worst f1 of the initial pool, the normaliser of every later HV.
+  2. (rounds ≥ 1, mode ``ehvi`` or ``random``) propose q NEW configs (``propose``), measure their f1;
+  3. (same modes) rebuild the pool: the segmented rule over all seen configs (U = ``n_segments`` equal
+     segments of bits over their WHOLE range, the non-dominated of each: ``coalora.pareto``);
+  4. log the pool, its front and its hypervolume.
+Mode ``none`` (coalora-frozen) keeps the initial pool and only measures, so its log is comparable.
+
+HV normalisation: points (bits/8, f1/f1_scale), reference ``search.hv_reference``; f1_scale is measured at
+step 0, where every pool method has the same untrained adapter (B = 0), so HVs compare across methods too.
+
+The state (``new_state``) is what ``Trainer.extra["search"]`` checkpoints, so a resumed run redoes at
+most the round it was killed in, with the same result: every draw comes from generators seeded by
+(seed, round), and torch's global generator is forked, so the training stream is untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from coalora.errors import UserError
+from coalora.pareto import hypervolume, non_dominated, normalise, segmented_pool
+from coalora.search.encoding import encode, layer_weights
+from coalora.search.gp import BITS_SCALE
+from coalora.search.propose import candidate_set, propose
+from coalora.space import Config, Layers
+
+MODES = ("ehvi", "random", "none")
+Evaluate = Callable[[list[Config]], dict[str, float]]  # configs → id → f1 under the current model
+
+
+def round_steps(total_steps: int, rounds: int) -> list[int]:
+    """[s_0 = 0, s_1, …, s_R = total_steps] (module docstring).
+
+    Raises:
+        UserError: naming ``search.rounds`` when two rounds would fall on the same step.
+    """
+    if rounds > total_steps:
+        raise UserError(f"search.rounds: {rounds} rounds, but the joint run trains only {total_steps} steps; "
+                        f"lower search.rounds or raise train.joint_steps")
+    return [0] + [r * total_steps // rounds for r in range(1, rounds + 1)]
+
+
+def new_state(pool: Sequence[Config]) -> dict:
+    """The JSON state before round 0: the initial pool, all seen, none measured."""
+    seen = [{"id": c.id, "indices": c.spec_indices().tolist(), "bits": c.bits, "f1": None, "round": 0}
+            for c in pool]
+    return {"seen": seen, "pool": [c.id for c in pool], "f1_scale": None, "rounds": []}
+
+
+def configs_by_id(state: dict, layers: Layers) -> dict[str, Config]:
+    """Every seen config, in the order seen."""
+    return {e["id"]: Config.from_indices(e["indices"], layers) for e in state["seen"]}
+
+
+def pool_configs(state: dict, layers: Layers) -> list[Config]:
+    """The current pool, in (bits, id) order (the order the trainer draws from)."""
+    seen = configs_by_id(state, layers)
+    return sorted((seen[i] for i in state["pool"]), key=lambda c: (c.bits, c.id))
+
+
+def rebuild_pool(seen: list[dict], n_segments: int, k: int) -> list[str]:
+    """Ids kept by the segmented rule over all seen; topped up by the lowest-f1 others when fewer than
+    ``k`` remain (a step draws k distinct configs), which happens only with very few segments."""
+    bits = [e["bits"] for e in seen]
+    f1 = [e["f1"] for e in seen]
+    kept = segmented_pool(bits, f1, n_segments)
+    rest = sorted((i for i in range(len(seen)) if i not in set(kept)), key=lambda i: (f1[i], bits[i]))
+    kept = kept + rest[:max(0, k - len(kept))]
+    return [seen[i]["id"] for i in sorted(kept, key=lambda i: (bits[i], seen[i]["id"]))]
+
+
+def hv_normalisation(f1_scale: float) -> str:
+    return f"points (bits/{BITS_SCALE:g}, f1/f1_scale), f1_scale = {f1_scale:.6f} (worst f1 of the initial " \
+           f"pool at step 0)"
+
+
+def round_log(state: dict, r: int, step: int, proposed: list[str], reference: Sequence[float],
+              seconds: float) -> dict:
+    """One entry of ``train.json``'s ``rounds``: the pool, its front, its hypervolume, the proposals."""
+    by_id = {e["id"]: e for e in state["seen"]}
+    pool = [{"id": i, "bits": by_id[i]["bits"], "f1": by_id[i]["f1"]} for i in state["pool"]]
+    points = normalise([p["bits"] for p in pool], [p["f1"] / state["f1_scale"] for p in pool], BITS_SCALE)
+    front = [p["id"] for p, keep in zip(pool, non_dominated(points)) if keep]
+    return {"round": r, "step": step, "pool": pool, "front": front,
+            "hypervolume": hypervolume(points, reference), "hv_reference": list(reference),
+            "hv_normalisation": hv_normalisation(state["f1_scale"]), "proposed": proposed,
+            "measured": [{"id": e["id"], "bits": e["bits"], "f1": e["f1"]} for e in state["seen"]],
+            "seconds": round(seconds, 3)}
+
+
+def search_round(state: dict, r: int, step: int, mode: str, evaluate: Evaluate, layers: Layers, p, k: int,
+                 seed: int) -> dict:
+    """Run round ``r`` at ``step`` (module docstring), updating ``state`` in place; returns its log entry.
+
+    Args:
+        p: ``SearchParams`` (q, n_segments, n_candidates, hv_reference, mc_samples).
+        k: configs per training step (the pool never shrinks below it).
+    """
+    if mode not in MODES:
+        raise ValueError(f"search mode must be one of {MODES} (got {mode!r})")
+    started = time.perf_counter()
+    seen = configs_by_id(state, layers)
+    for entry, f1 in zip(state["seen"], _measure(evaluate, list(seen.values()))):
+        entry["f1"] = f1
+    if state["f1_scale"] is None:
+        state["f1_scale"] = max(e["f1"] for e in state["seen"] if e["id"] in set(state["pool"]))
+    proposed: list[str] = []
+    if mode != "none" and r > 0:
+        proposed = _propose_and_measure(state, r, mode, evaluate, layers, p, seed)
+        state["pool"] = rebuild_pool(state["seen"], p.n_segments, k)
+    entry = round_log(state, r, step, proposed, p.hv_reference, time.perf_counter() - started)
+    state["rounds"].append(entry)
+    return entry
+
+
+def _measure(evaluate: Evaluate, configs: list[Config]) -> list[float]:
+    losses = evaluate(configs)
+    return [float(losses[c.id]) for c in configs]
+
+
+def _propose_and_measure(state: dict, r: int, mode: str, evaluate: Evaluate, layers: Layers, p,
+                         seed: int) -> list[str]:
+    """Propose q new configs, measure them, append them to ``seen``; returns their ids."""
+    rng = np.random.default_rng([seed, r])
+    seen_keys = {tuple(e["indices"]) for e in state["seen"]}
+    pool_set = set(state["pool"])
+    pool_indices = [e["indices"] for e in state["seen"] if e["id"] in pool_set]
+    candidates = candidate_set(pool_indices, seen_keys, p.n_candidates, rng)
+    x_seen = encode([e["indices"] for e in state["seen"]])  # (N, L)
+    f1_norm = torch.tensor([e["f1"] for e in state["seen"]], dtype=torch.float64) / state["f1_scale"]
+    with torch.random.fork_rng():  # botorch may draw from the global generator: keep training's stream intact
+        torch.manual_seed(seed * 1000 + r)
+        chosen = propose(mode, candidates, p.q, x_seen=x_seen, f1_norm=f1_norm, weights=layer_weights(layers),
+                         reference=p.hv_reference, mc_samples=p.mc_samples, seed=seed * 1000 + r, rng=rng)
+    new = [Config.from_indices(candidates[i], layers) for i in chosen]
+    for config, f1 in zip(new, _measure(evaluate, new)):
+        state["seen"].append({"id": config.id, "indices": config.spec_indices().tolist(), "bits": config.bits,
+                              "f1": f1, "round": r})
+    return [c.id for c in new]
