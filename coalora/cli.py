@@ -59,14 +59,92 @@ def cmd_run(args) -> int:
     if unknown:
         raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)}; allowed: {', '.join(STAGES)}")
     del params
+    if args.dask_workers is not None and args.dask_workers < 1:
+        raise UserError(f"--dask-workers: {args.dask_workers}; give a number of worker processes >= 1")
     configure(args.root)
     from flows.pipeline import run_pipeline
 
-    result = run_pipeline(str(Path(args.root).resolve()), args.profile, selected)
+    result = run_pipeline(str(Path(args.root).resolve()), args.profile, selected, track=not args.no_track,
+                          dask=args.dask, dask_address=args.dask_address, dask_workers=args.dask_workers)
     for name, outcome in result["stages"].items():
         print(f"{name:<12} {outcome['state']:<10} {outcome['summary'].get('seconds', 0):>8.1f} s  "
               f"artifacts/{name}/")
     print(f"artifacts: {Path(args.root).resolve() / 'artifacts'}")
+    _print_report(Path(args.root).resolve(), result.get("mlflow"))
+    return 0
+
+
+def _print_report(root: Path, tracked: dict | None) -> None:
+    """Where to look next: the report (when a report stage wrote one) and the MLflow run."""
+    reports = sorted((root / "artifacts").glob("report/*.md")) + sorted((root / "artifacts").glob("report/*.html"))
+    if reports:
+        print(f"report:    {reports[0]}")
+    if tracked:
+        print(f"mlflow:    run {tracked['run_id']} in {tracked['tracking_uri']}")
+        print(f"           browse: `coalora ui`, then {tracked['url']}")
+
+
+def cmd_track(args) -> int:
+    _params(args)  # validate first
+    from coalora.env import configure
+
+    configure(args.root)
+    from coalora.track import log_pipeline
+
+    tracked = log_pipeline(args.root, args.profile, experiment=args.experiment)
+    _print_report(Path(args.root).resolve(), {"run_id": tracked.run_id, "tracking_uri": tracked.tracking_uri,
+                                              "url": tracked.url()})
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import os
+    import subprocess
+
+    from coalora.env import configure
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port: {args.port}; give a TCP port between 1 and 65535")
+    configure(args.root)
+    from coalora.track import ui_command
+
+    command = ui_command(args.root, args.host, args.port)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {command[3]}); Ctrl-C stops it")
+    try:
+        return subprocess.run(command, env=os.environ.copy()).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from coalora.stages import STAGES
+
+    _params(args)  # validate before anything starts
+    if (args.cron is None) == (args.interval is None):
+        raise UserError("serve: give exactly one of --cron EXPR or --interval SECONDS")
+    if args.interval is not None and args.interval <= 0:
+        raise UserError(f"--interval: {args.interval}; give a number of seconds > 0")
+    selected = args.stages.split(",") if args.stages else None
+    unknown = [name for name in selected or [] if name not in STAGES]
+    if unknown:
+        raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)}; allowed: {', '.join(STAGES)}")
+    from coalora.env import configure
+
+    configure(args.root)
+    api = args.api_url or os.environ.get("PREFECT_API_URL")
+    from flows.serve import DEFAULT_API, check_api, check_cron, serve
+
+    api = api or DEFAULT_API
+    if args.cron is not None:
+        check_cron(args.cron)
+    check_api(api)
+    os.environ["PREFECT_API_URL"] = api  # before prefect reads its settings
+    schedule = f"cron {args.cron!r}" if args.cron else f"every {args.interval:g} s"
+    print(f"serving deployment coalora-pipeline/{args.name} ({schedule}) on {api}; Ctrl-C stops it")
+    serve(str(Path(args.root).resolve()), args.profile, args.name, cron=args.cron, interval=args.interval,
+          stages=selected, track=not args.no_track)
     return 0
 
 
@@ -128,7 +206,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the pipeline as a Prefect flow (cached, resumable)")
     run.add_argument("--stages", default=None, help="comma-separated subset, in pipeline order")
+    run.add_argument("--no-track", action="store_true", help="do not log the run to MLflow")
+    run.add_argument("--dask", action="store_true",
+                     help="run tasks on a local Dask cluster (Prefect's DaskTaskRunner); evaluation jobs fan out")
+    run.add_argument("--dask-address", default=None, help="run tasks on the Dask scheduler at this address")
+    run.add_argument("--dask-workers", type=int, default=None,
+                     help="worker processes of the local Dask cluster (default: one per core)")
     run.set_defaults(fn=cmd_run)
+
+    track = sub.add_parser("track", help="log the stage outputs now under artifacts/ to MLflow as one run")
+    track.add_argument("--experiment", default=None, help="experiment name (default: coalora)")
+    track.set_defaults(fn=cmd_track)
+
+    ui = sub.add_parser("ui", help="browse the MLflow runs (mlflow ui on loopback over the project's store)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(fn=cmd_ui)
+
+    serve = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment on a cron schedule")
+    serve.add_argument("--cron", default=None, help='cron expression, e.g. "0 3 * * *" (daily at 03:00)')
+    serve.add_argument("--interval", type=float, default=None, help="or: a run every SECONDS")
+    serve.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    serve.add_argument("--stages", default=None, help="comma-separated subset, in pipeline order")
+    serve.add_argument("--no-track", action="store_true", help="do not log scheduled runs to MLflow")
+    serve.add_argument("--api-url", default=None,
+                       help="Prefect server API (default: PREFECT_API_URL, else http://127.0.0.1:4200/api)")
+    serve.set_defaults(fn=cmd_serve)
 
     adapt = sub.add_parser("adapt", help="a quantized model + peft adapter (θ folded in) for a budget or config")
     adapt.add_argument("--budget", type=float, default=None, help="average bits over the quantized layers")

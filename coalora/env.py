@@ -45,4 +45,6 @@ def configure(root: Path | str = ".") -> Path:
     defaults["PREFECT_LOCAL_STORAGE_PATH"] = str(state / "prefect" / "storage")
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    # Prefect creates its home without parents and warns when it cannot: make the state folder first.
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return state

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from coalora.errors import UserError
 from coalora.params import load_params
@@ -43,3 +44,48 @@ def retry_unless_user_error(_task: Any, _run: Any, state: Any) -> bool:
 def stage_task(name: str, root: str, profile: str | None) -> dict:
     """Run stage ``name`` of the project at ``root`` and return its summary."""
     return run_stage(get_stage(name), load_params(root, profile), root)
+
+
+def job_context(name: str, root: str):
+    """The context a stage's jobs run in: its verified inputs, and its work folder as their output.
+
+    Jobs write into the work folder (kept until the stage succeeds), never into the stage's output folder,
+    which only the stage itself creates, atomically.
+    """
+    from coalora.stages import StageContext
+    from coalora.stages.core import input_folders
+
+    stage = get_stage(name)
+    work = stage.work_dir(Path(root))
+    work.mkdir(parents=True, exist_ok=True)
+    return StageContext(root=Path(root), out=work, work=work, inputs=input_folders(stage, Path(root)),
+                        progress=False)
+
+
+def _stage_module(name: str):
+    from importlib import import_module
+
+    return import_module(get_stage(name).fn.__module__)
+
+
+def job_ids(name: str, root: str, profile: str | None) -> list[str]:
+    """The ids of stage ``name``'s independent jobs (its module's ``jobs(params, ctx)``)."""
+    return list(_stage_module(name).jobs(load_params(root, profile), job_context(name, root)))
+
+
+@task(name="job", task_run_name="{name}:{job_id}", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
+def job_task(name: str, root: str, profile: str | None, job_id: str) -> dict | None:
+    """One job of stage ``name`` (its module's ``run_job``); a job resumes from what it left in the work
+    folder, so there is no Prefect cache here: the stage's own cache key covers the whole stage."""
+    return _stage_module(name).run_job(load_params(root, profile), job_context(name, root), job_id)
+
+
+@task(name="track", cache_policy=NO_CACHE)
+def track_task(root: str, profile: str | None, outcome: dict) -> dict:
+    """Log the pipeline run to MLflow (coalora.track); returns where it is."""
+    from coalora.track import log_pipeline
+
+    tracked = log_pipeline(root, profile, outcome)
+    return {"run_id": tracked.run_id, "experiment_id": tracked.experiment_id,
+            "tracking_uri": tracked.tracking_uri, "url": tracked.url()}
