@@ -310,6 +310,16 @@ def test_train_stage_writes_adapters_records_and_equal_budgets(project, capsys):
     assert header["method"] == "coalora" and header["config_ids"] == targets and header["use_confignet"]
     assert any(k.startswith("confignet.") for k in tensors)
     assert not (project / "artifacts/.work/train").exists()  # checkpoints go once the output is in place
+    # the search contract: the final pool as config files, the rounds in train.json and rounds.csv
+    rounds = coalora["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and [r["step"] for r in rounds] == [0, 2, 4]  # smoke: 2 rounds
+    pool_ids = sorted(p.stem for p in (out / "coalora/pool").glob("*.json"))
+    assert pool_ids == sorted(p["id"] for p in rounds[-1]["pool"]) and "pool" not in qlora
+    assert all(len(r["proposed"]) == 2 for r in rounds[1:]) and set(rounds[-1]["front"]) <= set(pool_ids)
+    assert {"round", "step", "pool", "front", "hypervolume", "hv_reference", "hv_normalisation", "proposed",
+            "seconds"} <= set(rounds[0])
+    csv_rows = (out / "coalora/rounds.csv").read_text().splitlines()
+    assert csv_rows[0] == "round,id,bits,f1,in_pool,on_front" and len(csv_rows) == 1 + 4 + 6 + 8
 
 
 def test_train_stage_on_instruction_data(tmp_path, repo_root):
