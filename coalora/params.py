@@ -223,6 +223,63 @@ class TrainParams(Section):
         return methods
 
 
+class EvaluateParams(Section):
+    """Stage ``evaluate``: which (method, config) rows are scored, under the ``eval`` protocol.
+
+    For each value of ``budgets`` (average bits): a **seen** row per method, its seen config nearest in bits
+    (coalora family: its final pool; qlora, lqlora, shared: the configs it was trained for; qlora-bnb: its
+    uniform NF4 config only), and an **unseen** row, the allocate stage's held-out config nearest in bits
+    (the same configs for every method; per-config methods use the adapter of their nearest-bits target).
+    Duplicate rows (two budgets selecting one config) are scored once.
+    """
+
+    budgets: list[float] = Field(min_length=1)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_in_range(cls, bits: list[float]) -> list[float]:
+        bad = [b for b in bits if not MIN_BITS <= b <= MAX_BITS]
+        if bad:
+            raise ValueError(f"{bad} out of range; allowed: {MIN_BITS} to {MAX_BITS} bits")
+        if len(set(bits)) != len(bits):
+            raise ValueError(f"{bits} repeats a value; each budget must be distinct")
+        return bits
+
+
+class HvAccuracy(Section):
+    """Hypervolume of accuracy fronts: points (bits / bits_scale, 1 − accuracy), both minimised."""
+
+    bits_scale: float = Field(gt=0)
+    reference: list[float] = Field(min_length=2, max_length=2)
+
+
+class HvPerplexity(Section):
+    """Hypervolume of perplexity fronts: points (bits / bits_scale, ln(ppl) / ln(ppl_max)), both minimised;
+    a perplexity of ``ppl_max`` or worse scores y ≥ 1 (nothing, with reference y = 1)."""
+
+    bits_scale: float = Field(gt=0)
+    ppl_max: float = Field(gt=1)
+    reference: list[float] = Field(min_length=2, max_length=2)
+
+
+class HvParams(Section):
+    """Normalisation and reference point of every hypervolume (written next to each value)."""
+
+    accuracy: HvAccuracy
+    perplexity: HvPerplexity
+
+
+class ReportParams(Section):
+    """Stage ``report``: summary metrics over the evaluation table, and the markdown report with plots.
+
+    ``serve_k``: the number of configurations K in "time to serve K configurations": a per-config method
+    trains K runs; a joint method trains once; each then switches to (quantizes) each of the K configs.
+    """
+
+    hv: HvParams
+    serve_k: int = Field(ge=1)
+
+
 class SearchParams(Section):
     """The Pareto configuration search interleaved with coalora's training (METHOD.md §5).
 
@@ -266,6 +323,8 @@ class Params(Section):
     lora: LoraParams
     train: TrainParams
     search: SearchParams
+    evaluate: EvaluateParams
+    report: ReportParams
 
     def sections(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The JSON-able values of the named top-level sections (what a stage's cache key hashes)."""

@@ -8,11 +8,13 @@ full-precision base, or later a quantized one) through lm-eval's Hugging Face wr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import yaml
 
@@ -86,6 +88,32 @@ def chance_level(task: str, items: Sequence[dict]) -> float:
     return 0.5
 
 
+_PATCH_LOCK = threading.Lock()
+_PATCH_STATE: dict = {"depth": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _without_run_metadata() -> Iterator[None]:
+    """Skip what ``simple_evaluate`` adds to its results about the machine: ``add_env_info`` (torch's
+    collect_env, ~1.8 s per call, more than scoring a small model) and ``get_git_commit_hash`` (spawns git).
+    We read only the metrics; the task definitions and scoring are untouched. Reference-counted under a
+    lock, so rows scored in parallel threads restore lm-eval's functions exactly once, after the last."""
+    import lm_eval.evaluator as evaluator
+
+    with _PATCH_LOCK:
+        if _PATCH_STATE["depth"] == 0:
+            _PATCH_STATE["saved"] = evaluator.add_env_info, evaluator.get_git_commit_hash
+            evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda storage: None), (lambda: None)
+        _PATCH_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            _PATCH_STATE["depth"] -= 1
+            if _PATCH_STATE["depth"] == 0:
+                evaluator.add_env_info, evaluator.get_git_commit_hash = _PATCH_STATE["saved"]
+
+
 def run_benchmarks(model, tokenizer, data_dir: Path | str, tasks: Sequence[str], limit: int | None,
                    batch_size: int, seed: int, work_dir: Path | str) -> dict[str, dict]:
     """Zero-shot accuracy of an in-memory model on the local benchmark files, through ``lm_eval``.
@@ -123,7 +151,7 @@ def run_benchmarks(model, tokenizer, data_dir: Path | str, tasks: Sequence[str],
         datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
         for logger in quiet:
             logger.setLevel(logging.ERROR)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _without_run_metadata():
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             out = simple_evaluate(
                 model=lm, tasks=tasks, num_fewshot=0, limit=limit, bootstrap_iters=0, log_samples=False,

@@ -11,7 +11,7 @@ from importlib import import_module
 from coalora.errors import UserError
 from coalora.stages.core import Stage, StageContext, fresh_summary, run_stage, stage_key
 
-PIPELINE = ("data", "base_model", "calibrate", "allocate", "train")
+PIPELINE = ("data", "base_model", "calibrate", "allocate", "train", "evaluate", "report")
 
 
 def all_stages() -> dict[str, Stage]:

@@ -28,13 +28,30 @@ def dvc_stages() -> dict:
         entry["outs"] = [f"{ARTIFACTS}/{stage.name}"]
         stages[stage.name] = entry
         metrics += [f"{ARTIFACTS}/{stage.name}/{name}" for name in stage.metrics]
-        plots += [f"{ARTIFACTS}/{stage.name}/{name}" for name in stage.plots]
+        plots += plot_entries(stage)
     document = {"stages": stages}
     if metrics:
         document["metrics"] = metrics
     if plots:
         document["plots"] = plots
     return document
+
+
+def plot_entries(stage) -> list:
+    """The stage's top-level ``plots:`` entries: its plot definitions (``stage.extra["dvc_plots"]``: DVC's
+    ``{id: {x, y: {file: column}, template, ...}}`` with files relative to the stage output) when it has
+    them, else its plot files as plain paths."""
+    prefix = f"{ARTIFACTS}/{stage.name}/"
+    definitions = stage.extra.get("dvc_plots")
+    if not definitions:
+        return [prefix + name for name in stage.plots]
+    entries = []
+    for definition in definitions:
+        for plot_id, spec in definition.items():
+            y = spec["y"]
+            y = {prefix + f: col for f, col in y.items()} if isinstance(y, dict) else y
+            entries.append({plot_id: {**spec, "y": y}})
+    return entries
 
 
 def render_dvc_yaml() -> str:

@@ -1,0 +1,72 @@
+"""The evaluation table: rows (``row.score_row``) as flat CSV records, and per-method means.
+
+Column names: ``<task>`` is the task's accuracy, ``<task>_norm`` its length-normalised accuracy (ARC only:
+lm-eval reports ``acc_norm`` for multiple-choice tasks with answers of different lengths), ``acc_mean`` the
+unweighted mean accuracy over the tasks, ``ppl`` the perplexity under ``ppl_protocol``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+ID_COLUMNS = ("method", "config_id", "set", "bits", "budgets", "adapter_config")
+TAIL_COLUMNS = ("acc_mean", "ppl", "ppl_protocol", "switch_seconds", "eval_seconds")
+
+
+def has_norm(task: str) -> bool:
+    return task.startswith("arc")
+
+
+def metric_columns(tasks: Sequence[str]) -> list[str]:
+    """The accuracy columns: each task (and ``<task>_norm`` for ARC), then ``acc_mean``."""
+    cols = []
+    for task in tasks:
+        cols.append(task)
+        if has_norm(task):
+            cols.append(f"{task}_norm")
+    return cols + ["acc_mean"]
+
+
+def flat_columns(tasks: Sequence[str]) -> list[str]:
+    return list(ID_COLUMNS) + metric_columns(tasks)[:-1] + list(TAIL_COLUMNS)
+
+
+def flat_row(row: dict, tasks: Sequence[str]) -> dict:
+    """One row as a flat record (numbers rounded for reading; table.json keeps them whole)."""
+    flat = {"method": row["method"], "config_id": row["config_id"], "set": row["set"],
+            "bits": round(row["bits"], 4), "budgets": " ".join(f"{b:g}" for b in row["budgets"]),
+            "adapter_config": row["adapter_config"] or ""}
+    for task in tasks:
+        scores = row["tasks"][task]
+        flat[task] = round(scores["acc"], 4)
+        if has_norm(task):
+            flat[f"{task}_norm"] = "" if scores["acc_norm"] is None else round(scores["acc_norm"], 4)
+    flat.update({"acc_mean": round(row["acc_mean"], 4), "ppl": round(row["ppl"], 4),
+                 "ppl_protocol": row["ppl_protocol"], "switch_seconds": row["switch_seconds"],
+                 "eval_seconds": row["eval_seconds"]})
+    return flat
+
+
+def metric_value(row: dict, metric: str) -> float:
+    """A row's value of a metric column: ``ppl``, ``acc_mean``, ``<task>`` or ``<task>_norm``."""
+    if metric in ("ppl", "acc_mean"):
+        return float(row[metric])
+    if metric.endswith("_norm"):
+        return float(row["tasks"][metric[:-5]]["acc_norm"])
+    return float(row["tasks"][metric]["acc"])
+
+
+def method_means(rows: Sequence[dict]) -> dict[str, float]:
+    """``<method>.<seen|unseen|all>.acc_mean`` (mean accuracy) and ``.ppl`` (exp of the mean per-token NLL,
+    the geometric mean of the rows' perplexities), for ``dvc metrics show``."""
+    out: dict[str, float] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        for name, subset in (("seen", [r for r in mine if r["set"] == "seen"]),
+                             ("unseen", [r for r in mine if r["set"] == "unseen"]), ("all", mine)):
+            if subset:
+                out[f"{method}.{name}.acc_mean"] = round(sum(r["acc_mean"] for r in subset) / len(subset), 6)
+                out[f"{method}.{name}.ppl"] = round(math.exp(sum(r["nll"] for r in subset) / len(subset)), 6)
+                out[f"{method}.{name}.rows"] = len(subset)
+    return out
