@@ -51,7 +51,8 @@ MAX_FILES_PER_STAGE = 200
 # Metric names where lower is better; every other metric (accuracy, f1, ...) is higher-better.
 LOWER_BETTER = re.compile(r"loss|ppl|perplexity|error|nll", re.IGNORECASE)
 # Table columns that are not metrics.
-NOT_METRICS = {"bits", "exact_bits", "budget", "target_bits", "step", "round", "seed", "rank", "layers"}
+NOT_METRICS = {"bits", "exact_bits", "budget", "budgets", "target_bits", "step", "round", "seed", "rank",
+               "layers"}
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def metric_columns(rows: list[dict]) -> list[str]:
         return []
     columns = []
     for key in rows[0]:
-        if key in NOT_METRICS or key.endswith("_id") or key == "id":
+        if key in NOT_METRICS or key.endswith(("_id", "seconds")) or key == "id":
             continue
         if all(isinstance(r.get(key), float) or r.get(key) is None for r in rows) and \
                 any(isinstance(r.get(key), float) for r in rows):
@@ -352,12 +353,12 @@ def stage_files(folder: Path, skip: Iterable[Path] = ()) -> list[Path]:
     return files[:MAX_FILES_PER_STAGE]
 
 
-def configuration_tables(folder: Path, skip: Iterable[Path] = ()) -> dict[Path, list[dict]]:
-    """CSV files of the folder (not under ``skip``) whose rows have ``bits`` and a metric column."""
-    skipped = [s.resolve() for s in skip]
+def configuration_tables(folder: Path) -> dict[Path, list[dict]]:
+    """CSV files at the top of the folder whose rows have ``bits`` and a metric column: the stage's tables
+    of configurations (per-method files in subfolders, such as DVC's plot series, are parts of them)."""
     tables = {}
-    for path in sorted(folder.rglob("*.csv")):
-        if path.stat().st_size > MAX_ARTIFACT_BYTES or any(s in path.resolve().parents for s in skipped):
+    for path in sorted(folder.glob("*.csv")):
+        if path.stat().st_size > MAX_ARTIFACT_BYTES:
             continue
         try:
             rows = read_csv(path)
@@ -393,7 +394,7 @@ def log_stage(client, exp_id: str, parent_id: str, stage, params, root: Path,
     methods = method_folders(folder) if stage.name == "train" else {}
     for path in stage_files(folder, skip=methods.values()):
         client.log_artifact(run_id, str(path), _artifact_dir(path.relative_to(folder)))
-    tables = configuration_tables(folder, skip=methods.values())
+    tables = configuration_tables(folder)
     for path, rows in tables.items():
         log_table(client, run_id, rows, f"tables/{path.stem}.json")
         for metric in metric_columns(rows):

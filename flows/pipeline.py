@@ -5,10 +5,10 @@ key; when it is not (deleted, corrupt, produced under other params) the task run
 so a stale cache record can never stand in for a missing artifact.
 
 Stages are submitted to the flow's task runner (threads by default; ``dask=...`` gives Prefect's
-``DaskTaskRunner``). Stages depend on each other, so they run one after another; a stage whose module
-offers independent jobs (``jobs(params, ctx)`` and ``run_job(params, ctx, job_id)``, the evaluation) has
-them submitted all at once first, so they fan out over the runner's workers — every core of a Dask cluster.
-The stage task then finds the jobs' results in its work folder and assembles its output.
+``DaskTaskRunner``). Stages depend on each other, so they run one after another. On Dask, a stage whose
+module offers independent jobs (``jobs(params, ctx)`` and ``run_job(params, ctx, job_id)``: the evaluation,
+one job per (method, config) row) has them submitted all at once first, so they fan out over the cluster's
+workers; the stage task then finds the finished rows in its work folder and only assembles its output.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ FLOW_NAME = "coalora-pipeline"
 
 @flow(name=FLOW_NAME, validate_parameters=True)
 def pipeline(root: str = ".", profile: str | None = None, stages: list[str] | None = None,
-             track: bool = False) -> dict:
+             track: bool = False, fan_out_jobs: bool = False) -> dict:
     """Run ``stages`` (default: all, in pipeline order) of the project at ``root``; log to MLflow if ``track``.
+
+    ``fan_out_jobs``: submit the jobs of a stage that has them as separate tasks (on a Dask cluster). Off on
+    the default thread pool, where every job at once would hold its own model copy in one process.
 
     Returns ``{"stages": {name: {"state": "Completed"|"Cached", "summary": {...}}}}`` plus
     ``"mlflow": {"run_id", "experiment_id", "tracking_uri", "url"}`` when tracked.
@@ -39,7 +42,7 @@ def pipeline(root: str = ".", profile: str | None = None, stages: list[str] | No
     outcome = {}
     for name in stages or list(STAGES):
         intact = fresh_summary(get_stage(name), params, Path(root)) is not None
-        if not intact:
+        if not intact and fan_out_jobs:
             fan_out(name, root, profile)
         future = stage_task.with_options(refresh_cache=not intact).submit(name, root, profile)
         future.wait()
@@ -101,4 +104,4 @@ def run_pipeline(root: str, profile: str | None = None, stages: list[str] | None
     runner = task_runner(dask, dask_address, dask_workers)
     flow_ = pipeline.with_options(task_runner=runner) if runner is not None else pipeline
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return flow_(root=root, profile=profile, stages=stages, track=track)
+        return flow_(root=root, profile=profile, stages=stages, track=track, fan_out_jobs=runner is not None)

@@ -72,7 +72,7 @@ def test_jobs_fan_out_over_the_workers_of_a_local_cluster(prefect_harness, repo_
         "protocol": "tcp://", "host": "127.0.0.1"})  # tcp on loopback: inproc:// looks up a public address
     flow_ = pipeline.with_options(task_runner=runner)
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        first = flow_(root=root, stages=["fan"])
+        first = flow_(root=root, stages=["fan"], fan_out_jobs=True)
         assert first["stages"]["fan"]["state"] == "Completed"
         summary = first["stages"]["fan"]["summary"]
         assert summary["jobs"] == N_JOBS and CALLS["jobs"] == N_JOBS
@@ -81,7 +81,7 @@ def test_jobs_fan_out_over_the_workers_of_a_local_cluster(prefect_harness, repo_
         assert any(a["start"] < b["end"] and b["start"] < a["end"]
                    for a in rows for b in rows if a["worker"] != b["worker"])  # they overlapped in time
 
-        again = flow_(root=root, stages=["fan"])
+        again = flow_(root=root, stages=["fan"], fan_out_jobs=True)
     assert again["stages"]["fan"]["state"] == "Cached"
     assert CALLS["jobs"] == N_JOBS  # an up-to-date stage fans nothing out
 

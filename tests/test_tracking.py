@@ -60,12 +60,16 @@ def project(repo_root, tmp_path, monkeypatch) -> Path:
         "eval_loss_after_mean": 2.6, "train": {"lr": 3e-4, "batch_size": 4}, "rounds": ROUNDS}))
     _csv(method / "loss.csv", [{"step": i, "run": "joint", "loss": v} for i, v in enumerate(LOSSES)])
     save_file({"lora_A": np.arange(8, dtype=np.float32).reshape(2, 4)}, str(method / "adapter.safetensors"))
-    rows = [{"method": m, "config_id": f"{m}{i}", "bits": b, "seen": i % 2 == 0, "accuracy": acc, "ppl": ppl}
+    # The evaluate stage's table.csv columns (coalora.evaluate.table.flat_row), shortened.
+    rows = [{"method": m, "config_id": f"{m}{i}", "set": "seen" if i % 2 == 0 else "unseen", "bits": b,
+             "budgets": f"{b:g}", "acc_mean": acc, "ppl": ppl, "ppl_protocol": "nonoverlap", "eval_seconds": 1.5}
             for m, shift in (("coalora", 0.05), ("qlora", 0.0))
             for i, (b, acc, ppl) in enumerate([(2.5, 0.55, 20.0), (3.0, 0.6, 16.0), (4.0, 0.66, 13.0)])
             for acc, ppl in [(acc + shift, ppl - 10 * shift)]]
     _record(art / "evaluate", "evaluate", {"configs": 6})
-    _csv(art / "evaluate" / "results.csv", rows)
+    _csv(art / "evaluate" / "table.csv", rows)
+    (art / "evaluate" / "dvc").mkdir()  # a per-method plot series: part of the table, not a table of its own
+    _csv(art / "evaluate" / "dvc" / "coalora.csv", [r for r in rows if r["method"] == "coalora"])
     evaluate = Stage(name="evaluate", fn=lambda p, c: {}, params=("eval",), deps=("train",),
                      description="synthetic evaluation")
     real = stages.all_stages
@@ -129,15 +133,19 @@ def test_pipeline_run_tree_metrics_figures_tables_adapters(project):
 
     # Figures and tables.
     parent_files = _artifacts(client, parent.info.run_id)
-    assert {"pareto/evaluate_results_accuracy.png", "pareto/evaluate_results_ppl.png", "params.yaml"} <= parent_files
-    assert "tables/results.json" in _artifacts(client, runs["evaluate"].info.run_id)
+    assert {p for p in parent_files if p.startswith("pareto/")} == \
+        {"pareto/evaluate_table_acc_mean.png", "pareto/evaluate_table_ppl.png"}  # metrics only, no seconds
+    assert "params.yaml" in parent_files
+    evaluate_files = _artifacts(client, runs["evaluate"].info.run_id)
+    assert {"tables/table.json", "table.csv", "dvc/coalora.csv"} <= evaluate_files
+    assert not any("dvc_coalora" in p or "tables/coalora" in p for p in evaluate_files)
     method_files = _artifacts(client, method.info.run_id)
     assert {"pareto/round_000.png", "pareto/round_001.png", "pareto/rounds.png", "loss.csv",
             "adapter/adapter.safetensors", "train.json"} <= method_files
-    local = client.download_artifacts(parent.info.run_id, "pareto/evaluate_results_accuracy.png")
+    local = client.download_artifacts(parent.info.run_id, "pareto/evaluate_table_acc_mean.png")
     assert _non_blank_png(local)
     table = json.loads(Path(client.download_artifacts(runs["evaluate"].info.run_id,
-                                                      "tables/results.json")).read_text())
+                                                      "tables/table.json")).read_text())
     assert len(table["data"]) == 6 and "bits" in table["columns"]
 
     # The adapter byte for byte; no other weights anywhere (the base model never leaves the project).
@@ -181,3 +189,17 @@ def test_front_and_round_points():
     pool, front = round_points(ROUNDS[1])
     assert len(pool) == 3 and front == [(2.5, 2.8), (3.2, 2.2), (4.0, 1.9)]
     assert round_points({"pool": [{"id": "x", "bits": 3, "f1": 1}], "front": [0]})[1] == [(3.0, 1.0)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium: apt-get install chromium")
+def test_mlflow_ui_shows_the_pareto_figure_in_chromium(repo_root, tmp_path):
+    """As a user: `mlflow ui` on loopback, the run's Pareto figure opened in headless Chromium, not blank."""
+    import subprocess
+    import sys
+
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "mlflow_screenshot.py"), "--out",
+                           str(shot)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert shot.is_file() and "plot pixels" in done.stdout
