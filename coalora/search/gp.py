@@ -20,6 +20,9 @@ import torch
 from coalora.search.encoding import bits_of
 
 BITS_SCALE = 8.0  # objectives are (bits/8, f1/f1_scale): both of order 1, as the HV reference expects
+# L-BFGS iterations of the marginal-likelihood fit. Measured (28 layers, 54 configs): scipy's default runs to
+# convergence in 2.1 s with marginal log-likelihood −2.679; 100 iterations take 0.5 s and reach −2.684.
+FIT_MAXITER = 100
 
 
 def fit_f1_gp(x: torch.Tensor, f1_norm: torch.Tensor):
@@ -35,7 +38,8 @@ def fit_f1_gp(x: torch.Tensor, f1_norm: torch.Tensor):
     from gpytorch.mlls import ExactMarginalLogLikelihood
 
     gp = SingleTaskGP(x.double(), -f1_norm.double().unsqueeze(-1), outcome_transform=Standardize(m=1))
-    fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
+    fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp),
+                     optimizer_kwargs={"options": {"maxiter": FIT_MAXITER}})
     return gp
 
 

@@ -13,6 +13,7 @@ Candidates are deduplicated and never already seen, so every proposal is a NEW v
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -90,6 +91,12 @@ def propose(mode: str, candidates: list[list[int]], q: int, *, x_seen: torch.Ten
         return [int(i) for i in rng.choice(len(candidates), size=min(q, len(candidates)), replace=False)]
     if mode != "ehvi":
         raise ValueError(f"propose: mode must be 'ehvi' or 'random' (got {mode!r})")
-    gp = fit_f1_gp(x_seen, f1_norm)
-    acq = log_nehvi(objective_model(gp, weights), x_seen, reference, mc_samples, seed)
-    return greedy_choice(acq, encode(candidates), q)
+    from linear_operator.utils.warnings import NumericalWarning
+
+    with warnings.catch_warnings():
+        # the kernel matrix can be near-singular (configs with equal per-layer bits share one input, the
+        # fitted noise can be tiny); linear_operator then adds 1e-8 jitter and warns each time: harmless
+        warnings.simplefilter("ignore", NumericalWarning)
+        gp = fit_f1_gp(x_seen, f1_norm)
+        acq = log_nehvi(objective_model(gp, weights), x_seen, reference, mc_samples, seed)
+        return greedy_choice(acq, encode(candidates), q)
