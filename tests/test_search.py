@@ -6,6 +6,7 @@ the current adapter every round, (c) segments cover the whole bits range.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -250,3 +251,38 @@ def test_search_does_not_disturb_the_training_stream(tmp_path):
     frozen = train_method(METHODS["coalora-frozen"], setup, tmp_path / "f").runs[0]
     assert coalora.losses == frozen.losses
     assert coalora.search["rounds"][-1]["proposed"] and not frozen.search["rounds"][-1]["proposed"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("search, message", [
+    ({"q": 0}, "search.q: Input should be greater than or equal to 1"),
+    ({"n_candidates": 2, "q": 4}, "search: Value error, n_candidates (2) must be at least q (4)"),
+    ({"hv_reference": [1.1]}, "search.hv_reference: List should have at least 2 items"),
+    ({"rounds": 2.5}, "search.rounds: Input should be a valid integer"),
+])
+def test_bad_search_params_name_the_key(repo_root, search, message):
+    import yaml
+
+    from coalora.errors import ParamsError
+    from coalora.params import validate
+
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["search"].update(search)
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        validate(raw)
+
+
+def test_the_f1_slice_is_the_tail_of_the_held_out_text_and_too_short_text_is_refused():
+    from coalora.train.batches import pack_stream, tail_windows
+    from test_train import CharTokenizer, tiny_texts
+
+    tok, texts = CharTokenizer(), tiny_texts(20, 2)
+    stream = pack_stream(tok, texts)
+    tail = tail_windows(tok, texts, 16, 3, head=4)
+    total = len(stream) // 16
+    assert torch.equal(tail["input_ids"], stream[(total - 3) * 16: total * 16].view(3, 16))
+    with pytest.raises(UserError, match=r"search\.f1_sequences: 3 windows after the 1000 held-out ones"):
+        tail_windows(tok, texts, 16, 3, head=1000)
