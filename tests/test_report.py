@@ -115,3 +115,32 @@ def test_dvc_yaml_plots_point_at_the_report_files():
     assert acc["y"] == {f"artifacts/report/dvc/{m}.csv": "acc_mean" for m in TRAIN_METHODS}
     assert "artifacts/report/metrics.json" in dvc_stages()["metrics"]
     assert "artifacts/evaluate/metrics.json" in dvc_stages()["metrics"]
+
+
+def test_base_line_only_where_measured_like_the_rows(tmp_path):
+    from coalora.stages.report import base_scores
+
+    write_json(tmp_path / "metrics.json", {"boolq_acc": 0.9, "boolq_n": 10, "arc_easy_acc": 0.8, "arc_easy_n": 400,
+                                           "arc_easy_acc_norm": 0.7, "ppl": 2.0, "ppl_protocol": "nonoverlap-L8-N2"})
+    scores = base_scores(tmp_path, ROWS, TASKS)
+    assert scores["boolq"] == 0.9 and scores["ppl"] == 2.0
+    assert scores["arc_easy"] is None and scores["acc_mean"] is None  # 400 items, the rows scored 10
+    write_json(tmp_path / "metrics.json", {"ppl": 2.0, "ppl_protocol": "nonoverlap-L128-N100"})
+    assert base_scores(tmp_path, ROWS, TASKS)["ppl"] is None  # another perplexity protocol
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("evaluate", {"budgets": [1.0]}, "evaluate.budgets"),
+    ("evaluate", {"budgets": [3.0, 3.0]}, "evaluate.budgets"),
+    ("report", {"serve_k": 0}, "report.serve_k"),
+    ("report", {"hv": {"accuracy": {"reference": [1.0]}}}, "report.hv.accuracy.reference"),
+])
+def test_bad_evaluate_and_report_params_name_the_key(repo_root, section, value, message):
+    import yaml
+
+    from coalora.errors import ParamsError
+    from coalora.params import deep_merge, validate
+
+    raw = deep_merge(yaml.safe_load((repo_root / "params.yaml").read_text()), {section: value})
+    with pytest.raises(ParamsError, match=message.replace(".", r"\.")):
+        validate(raw)

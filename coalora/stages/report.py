@@ -27,17 +27,21 @@ METRICS = "metrics.json"
 DVC_METRICS = ("acc_mean", "ppl")
 
 
-def base_scores(base_dir: Path, tasks) -> dict | None:
-    """The full-precision base model's scores in the table's metric names (None when unavailable)."""
+def base_scores(base_dir: Path, rows: list[dict], tasks) -> dict | None:
+    """The full-precision base model's scores in the table's metric names, each only where it was measured
+    as the rows were (same perplexity protocol, same number of items per task); None when unavailable."""
     path = Path(base_dir) / "metrics.json"
-    if not path.is_file():
+    if not path.is_file() or not rows:
         return None
     m = read_json(path)
-    scores = {t: m.get(f"{t}_acc") for t in tasks}
-    scores.update({f"{t}_norm": m.get(f"{t}_acc_norm") for t in tasks})
-    accs = [v for v in (scores[t] for t in tasks) if v is not None]
-    scores["acc_mean"] = sum(accs) / len(accs) if len(accs) == len(tasks) else None
-    scores["ppl"] = m.get("ppl")
+    scores: dict = {}
+    for t in tasks:
+        same = m.get(f"{t}_n") == rows[0]["tasks"][t]["n"]
+        scores[t] = m.get(f"{t}_acc") if same else None
+        scores[f"{t}_norm"] = m.get(f"{t}_acc_norm") if same else None
+    accs = [scores[t] for t in tasks]
+    scores["acc_mean"] = sum(accs) / len(accs) if None not in accs else None
+    scores["ppl"] = m.get("ppl") if m.get("ppl_protocol") == rows[0]["ppl_protocol"] else None
     return scores
 
 
@@ -49,7 +53,7 @@ def run(params: Params, ctx: StageContext) -> dict:
     table = read_json(ctx.input("evaluate") / "table.json")
     rows, tasks = table["rows"], table["tasks"]
     summary = summarise(rows, tasks, ctx.input("train"), params.report)
-    base = base_scores(ctx.input("base_model"), tasks)
+    base = base_scores(ctx.input("base_model"), rows, tasks)
     write_json(ctx.out / "summary.json", summary)
     flat = flat_metrics(summary)
     write_json(ctx.out / METRICS, flat)
