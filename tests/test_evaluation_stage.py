@@ -232,3 +232,29 @@ def test_gaps_match_configs_by_id():
     su = seen_unseen_gap(rows)
     assert su["qlora"]["acc_gap"] == pytest.approx(10.0)
     assert su["coalora"]["ppl_ratio"] == pytest.approx(math.exp(1.0 - 0.7))
+
+
+def test_a_searched_pool_defines_the_coalora_seen_set(project, tmp_path):
+    """With ``train/<method>/pool/`` (the search's final pool) a coalora-family method's seen rows come from
+    it; a held-out config the search put in the pool is seen for that method and unseen for the others."""
+    from coalora.evaluate.plan import plan
+
+    train = tmp_path / "train"
+    shutil.copytree(project / "artifacts/train", train)
+    allocate = project / "artifacts/allocate"
+    heldout = sorted(allocate.glob("heldout/*.json"))
+    pool_dir = train / "coalora/pool"
+    shutil.rmtree(pool_dir, ignore_errors=True)  # replace whatever pool the search left
+    pool_dir.mkdir()
+    keep = sorted(allocate.glob("pool/*.json"))[:1] + heldout[:1]
+    for path in keep:
+        shutil.copy(path, pool_dir / path.name)
+    budgets = load_params(project).evaluate.budgets
+    jobs = plan(train, allocate, budgets)
+    coalora = [j for j in jobs if j.method == "coalora"]
+    assert {j.config.id for j in coalora if j.seen} <= {p.stem for p in keep}
+    assert all(j.config.stage == "train" for j in coalora if j.seen)
+    moved = heldout[0].stem
+    assert moved not in {j.config.id for j in coalora if not j.seen}
+    qlora_unseen = {j.config.id for j in jobs if j.method == "qlora" and not j.seen}
+    assert qlora_unseen and all(j.config.stage == "allocate" for j in jobs if j.method == "qlora")

@@ -37,11 +37,13 @@ def report_params(k: int = 6) -> ReportParams:
 
 @pytest.fixture
 def train_dir(tmp_path) -> Path:
-    """train.json records: coalora joint (one adapter, 10 s), qlora per-config (two runs of 4 s), bnb uniform."""
+    """train.json records: coalora joint (one adapter, 9 s + 1 s of search rounds), qlora per-config (two runs
+    of 4 s), bnb uniform."""
     d = tmp_path / "train"
     (d / "coalora").mkdir(parents=True)
     (d / "coalora/adapter.safetensors").write_bytes(b"")
-    write_json(d / "coalora/train.json", {"seconds": 10.0, "runs": [{"seconds": 10.0}], "confignet": True})
+    write_json(d / "coalora/train.json", {"seconds": 9.0, "runs": [{"seconds": 9.0}], "confignet": True,
+                                          "rounds": [{"seconds": 0.0}, {"seconds": 1.0}]})  # + search rounds
     write_json(d / "qlora/train.json", {"seconds": 8.0, "runs": [{"seconds": 4.0}, {"seconds": 4.0}]})
     write_json(d / "qlora-bnb/train.json", {"seconds": 3.0, "runs": [{"seconds": 3.0}], "backend": "bnb"})
     return d
@@ -52,6 +54,7 @@ def test_serving_time_is_fixed_for_joint_methods_and_linear_for_per_config(train
 
     t = method_times(train_dir, ROWS, k=6)
     assert t["coalora"]["serve_k_seconds"] == pytest.approx(10.0 + 6 * 0.01)
+    assert t["coalora"]["train_seconds"] == 10.0 and t["coalora"]["search_seconds"] == 1.0
     assert t["qlora"]["serve_k_seconds"] == pytest.approx(6 * (4.0 + 0.01))
     assert t["qlora-bnb"]["serve_k_seconds"] is None
     t12 = method_times(train_dir, ROWS, k=12)

@@ -13,7 +13,8 @@ Gaps: ``gap_vs_<baseline>`` = mean over the configs both methods were scored at 
 (accuracy points ×100); ``seen_unseen_gap`` = mean acc over seen rows − mean acc over unseen rows (both sets
 chosen nearest to the same budgets), and the perplexity ratio exp(mean NLL unseen − mean NLL seen).
 
-Time to serve K configurations (seconds, from the train stage's ``seconds`` and the rows' ``switch_seconds``):
+Time to serve K configurations (seconds, from the train stage's records and the rows' ``switch_seconds``;
+T_train = the training loop's seconds plus the seconds of the Pareto search rounds, if any):
 
     joint methods (coalora family, shared)   T_train + K · t_switch           (one run serves every config)
     per-config methods (qlora, lqlora)       K · (t_run + t_switch)           (t_run: mean seconds per run)
@@ -119,7 +120,9 @@ def method_times(train_dir: Path, rows: Sequence[dict], k: int) -> dict[str, dic
         kind = method_kind(Path(train_dir) / method, record)
         runs = [r["seconds"] for r in record.get("runs", [])]
         switch = statistics.median(r["switch_seconds"] for r in rows if r["method"] == method)
-        train = float(record["seconds"])
+        # The training loop's seconds exclude the Pareto search rounds between steps: add them.
+        search = sum(float(r.get("seconds", 0.0)) for r in record.get("rounds") or [])
+        train = float(record["seconds"]) + search
         per_run = statistics.fmean(runs) if runs else train
         if kind == "joint":
             serve, rule = train + k * switch, "T_train + K * t_switch"
@@ -127,7 +130,8 @@ def method_times(train_dir: Path, rows: Sequence[dict], k: int) -> dict[str, dic
             serve, rule = k * (per_run + switch), "K * (t_run + t_switch)"
         else:
             serve, rule = None, "serves only its uniform config"
-        out[method] = {"kind": kind, "train_seconds": round(train, 3), "run_seconds": round(per_run, 3),
+        out[method] = {"kind": kind, "train_seconds": round(train, 3), "search_seconds": round(search, 3),
+                       "run_seconds": round(per_run, 3),
                        "runs": len(runs), "wall_seconds": record.get("wall_seconds"),
                        "switch_seconds": round(switch, 4), "serve_k": k,
                        "serve_k_seconds": None if serve is None else round(serve, 3), "serve_rule": rule}
