@@ -231,28 +231,32 @@ def metric_columns(rows: list[dict]) -> list[str]:
 
 
 def pareto_figure(rows: list[dict], metric: str, title: str = ""):
-    """``metric`` vs bits, one colour per method, each method's front drawn as a step line.
+    """``metric`` vs bits, one colour and marker per method, each method's front drawn as a step line.
 
-    Held-out (unseen) configurations, when the table says so, are hollow markers.
+    Held-out (unseen) configurations, when the table says so (``set``/``seen``), are hollow markers.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     lower = bool(LOWER_BETTER.search(metric))
     methods = sorted({str(r.get("method", "all")) for r in rows})
-    for method in methods:
+    # A marker shape per method, earlier methods larger: methods that score the same config alike (common on
+    # small models) stay visible instead of hiding under the last one drawn.
+    markers = "osD^vPX*<>"
+    for index, method in enumerate(methods):
         sel = [r for r in rows if str(r.get("method", "all")) == method
                and isinstance(r.get("bits"), float) and isinstance(r.get(metric), float)]
         if not sel:
             continue
         xs, ys = [r["bits"] for r in sel], [r[metric] for r in sel]
         unseen = [_is_unseen(r) for r in sel]
-        line = ax.plot([], [], label=method)[0]
+        marker, size = markers[index % len(markers)], max(14, 70 - 8 * index)
+        line = ax.plot([], [], marker=marker, label=method)[0]
         colour = line.get_color()
         ax.scatter([x for x, u in zip(xs, unseen) if not u], [y for y, u in zip(ys, unseen) if not u],
-                   color=colour, s=22)
+                   color=colour, marker=marker, s=size)
         if any(unseen):
             ax.scatter([x for x, u in zip(xs, unseen) if u], [y for y, u in zip(ys, unseen) if u],
-                       facecolors="none", edgecolors=colour, s=22)
+                       facecolors="none", edgecolors=colour, marker=marker, s=size)
         front = front_indices(xs, ys, lower)
         ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color=colour, alpha=0.8)
     ax.set_xlabel("average bits per parameter")
@@ -513,17 +517,28 @@ def log_pipeline(root: Path | str, profile: str | None = None, outcome: dict | N
             client.log_artifact(parent_id, str(root / "dvc.lock"))
         for stage in stages:
             _, tables = log_stage(client, exp_id, parent_id, stage, params, root, states.get(stage.name))
-            # The headline figures also on the parent run: the first page a user opens.
-            for path, rows in tables.items():
-                for metric in metric_columns(rows):
-                    log_figure(client, parent_id, pareto_figure(rows, metric),
-                               f"pareto/{stage.name}_{path.stem}_{metric}.png")
+            log_headline(client, parent_id, stage, root, tables)
     except BaseException:
         status = "FAILED"
         raise
     finally:
         client.set_terminated(parent_id, status)
     return TrackedRun(parent_id, exp_id, uri)
+
+
+def log_headline(client, parent_id: str, stage, root: Path, tables: dict[Path, list[dict]]) -> None:
+    """On the parent run, the first page a user opens: every stage's metrics files (``<stage>.<name>``, so
+    runs compare side by side in the runs table) and the Pareto figures of the tables comparing methods."""
+    folder = stage.out_dir(root)
+    for name in stage.metrics:
+        values = _read_json(folder / name) if (folder / name).is_file() else None
+        if isinstance(values, dict):
+            log_metrics(client, parent_id, {f"{stage.name}.{k}": v for k, v in numbers(flatten(values)).items()})
+    for path, rows in tables.items():
+        if "method" not in rows[0]:
+            continue
+        for metric in metric_columns(rows):
+            log_figure(client, parent_id, pareto_figure(rows, metric), f"pareto/{stage.name}_{path.stem}_{metric}.png")
 
 
 def ui_command(root: Path | str, host: str = UI_HOST, port: int = UI_PORT) -> list[str]:

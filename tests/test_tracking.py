@@ -136,6 +136,7 @@ def test_pipeline_run_tree_metrics_figures_tables_adapters(project):
     assert {p for p in parent_files if p.startswith("pareto/")} == \
         {"pareto/evaluate_table_acc_mean.png", "pareto/evaluate_table_ppl.png"}  # metrics only, no seconds
     assert "params.yaml" in parent_files
+    assert parent.data.metrics["base_model.acc.boolq"] == pytest.approx(0.7)  # headline metrics, by stage
     evaluate_files = _artifacts(client, runs["evaluate"].info.run_id)
     assert {"tables/table.json", "table.csv", "dvc/coalora.csv"} <= evaluate_files
     assert not any("dvc_coalora" in p or "tables/coalora" in p for p in evaluate_files)
