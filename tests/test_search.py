@@ -137,11 +137,15 @@ def test_ehvi_picks_better_than_random_candidates():
     assert gain > max(random_gains) > 0  # measured: 0.016 against at most 0.005
 
 
-def test_proposals_are_deterministic():
+def test_proposals_are_deterministic_and_leave_the_global_generator_alone():
+    """botorch draws from torch's global generator: propose seeds a fork of it, so two calls agree whatever
+    the generator's state, and the training stream (which a resumed run replays) is untouched."""
     seen, cands, x, f1n = proposal_inputs()
+    before = torch.get_rng_state()
     runs = [propose("ehvi", cands, 3, x_seen=x, f1_norm=f1n, weights=layer_weights(LAYERS),
-                    reference=[1.1, 1.1], mc_samples=16, seed=5, rng=np.random.default_rng(0)) for _ in range(2)]
-    assert runs[0] == runs[1]
+                    reference=[1.1, 1.1], mc_samples=16, seed=5, rng=np.random.default_rng(0)) for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 # ---------------------------------------------------------------------------------------------------------

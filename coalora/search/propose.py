@@ -81,7 +81,8 @@ def propose(mode: str, candidates: list[list[int]], q: int, *, x_seen: torch.Ten
             rng: np.random.Generator) -> list[int]:
     """Indices into ``candidates`` of the q proposals.
 
-    ``ehvi``: fit the f1 GP on the seen configs, then greedy sequential qLogNEHVI over the candidates.
+    ``ehvi``: fit the f1 GP on the seen configs, then greedy sequential qLogNEHVI over the candidates
+    (deterministic given ``seed``).
     ``random``: q candidates uniformly (the "random extension" ablation: the same candidate set, the same
     count, no model).
     """
@@ -93,7 +94,11 @@ def propose(mode: str, candidates: list[list[int]], q: int, *, x_seen: torch.Ten
         raise ValueError(f"propose: mode must be 'ehvi' or 'random' (got {mode!r})")
     from linear_operator.utils.warnings import NumericalWarning
 
-    with warnings.catch_warnings():
+    # botorch draws from torch's global generator (pruning the noisy baseline samples from the posterior):
+    # seed it from ``seed`` so a proposal is a function of its inputs, and fork it so training's stream,
+    # which a resumed run must replay exactly, is left untouched
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        torch.manual_seed(seed)
         # the kernel matrix can be near-singular (configs with equal per-layer bits share one input, the
         # fitted noise can be tiny); linear_operator then adds 1e-8 jitter and warns each time: harmless
         warnings.simplefilter("ignore", NumericalWarning)

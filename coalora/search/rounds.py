@@ -19,7 +19,8 @@ step 0, where every pool method has the same untrained adapter (B = 0), so HVs c
 
 The state (``new_state``) is what ``Trainer.extra["search"]`` checkpoints, so a resumed run redoes at
 most the round it was killed in, with the same result: every draw comes from generators seeded by
-(seed, round), and torch's global generator is forked, so the training stream is untouched.
+(seed, round), and torch's global generator is forked inside ``propose``, so the training stream is
+untouched.
 """
 
 from __future__ import annotations
@@ -141,10 +142,8 @@ def _propose_and_measure(state: dict, r: int, mode: str, evaluate: Evaluate, lay
     candidates = candidate_set(pool_indices, seen_keys, p.n_candidates, rng)
     x_seen = encode([e["indices"] for e in state["seen"]])  # (N, L)
     f1_norm = torch.tensor([e["f1"] for e in state["seen"]], dtype=torch.float64) / state["f1_scale"]
-    with torch.random.fork_rng():  # botorch may draw from the global generator: keep training's stream intact
-        torch.manual_seed(seed * 1000 + r)
-        chosen = propose(mode, candidates, p.q, x_seen=x_seen, f1_norm=f1_norm, weights=layer_weights(layers),
-                         reference=p.hv_reference, mc_samples=p.mc_samples, seed=seed * 1000 + r, rng=rng)
+    chosen = propose(mode, candidates, p.q, x_seen=x_seen, f1_norm=f1_norm, weights=layer_weights(layers),
+                     reference=p.hv_reference, mc_samples=p.mc_samples, seed=seed * 1000 + r, rng=rng)
     new = [Config.from_indices(candidates[i], layers) for i in chosen]
     for config, f1 in zip(new, _measure(evaluate, new)):
         state["seen"].append({"id": config.id, "indices": config.spec_indices().tolist(), "bits": config.bits,
