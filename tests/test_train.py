@@ -338,6 +338,7 @@ def test_train_stage_on_instruction_data(tmp_path, repo_root):
     ({"target_bits": [1.5, 3.0]}, "train.target_bits: Value error, [1.5] out of range"),
     ({"target_bits": [2.3, 8.5]}, "train.target_bits: [8.5] outside the pool's bits range"),
     ({"k": 7}, "train.k: 7 configs per step, but the pool holds only 4"),
+    ({"joint_steps": 1}, "search.rounds: 2 rounds, but the joint run trains only 1 steps"),
 ])
 def test_bad_train_input_exits_2_naming_the_field(tmp_path, repo_root, capsys, train, message):
     from coalora.cli import main

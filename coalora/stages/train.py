@@ -101,6 +101,16 @@ def check_k(params: Params, pool_size: int) -> None:
                         f"lower train.k or enlarge the pool (allocate.grid_size)")
 
 
+def check_rounds(params: Params, n_targets: int) -> None:
+    """Pool methods need a step for every search round: fail before any training when they have fewer."""
+    from coalora.search import round_steps
+    from coalora.train import METHODS
+
+    for name in params.train.methods:
+        if METHODS[name].has_pool:
+            round_steps(METHODS[name].steps(params.train, n_targets), params.search.rounds)
+
+
 def method_work(ctx: StageContext, params: Params, method: str) -> Path:
     """``ctx.work/<method>``, emptied first when its checkpoints were made from other inputs or params."""
     fingerprint = content_id({
@@ -132,6 +142,7 @@ def run(params: Params, ctx: StageContext) -> dict:
     pool = load_pool(ctx.input("allocate"), layers)
     targets = target_set(pool, p.target_bits)
     check_k(params, len(pool))
+    check_rounds(params, len(targets))
     batches, eval_batch = training_data(params, tokenizer, ctx.input("data"))
     setup = TrainSetup(p, params.lora, params.seed, lambda: load_base(base_dir, p.dtype)[0], layers, pool,
                        targets, batches, eval_batch, ctx.progress, search=params.search,
