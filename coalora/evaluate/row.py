@@ -21,11 +21,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from coalora.artifacts import read_json, read_jsonl
 from coalora.errors import ArtifactError
 from coalora.evaluate.plan import UNIFORM, Job
+
+if TYPE_CHECKING:  # pragma: no cover
+    from coalora.params import EvalParams, LoraParams
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,8 @@ class RowInputs:
     """
 
     folders: dict[str, Path]
-    eval: object
-    lora: object
+    eval: "EvalParams"
+    lora: "LoraParams"
     target_modules: tuple[str, ...]
     seed: int
 

@@ -124,7 +124,7 @@ STAGE = Stage(
     params=("seed", "quant", "lora", "eval", "evaluate"),
     deps=DEPS,
     code=("coalora/evaluate", "coalora/model", "coalora/quant", "coalora/space.py", "coalora/train/bnb.py",
-          "coalora/stages/evaluate.py"),
+          "coalora/data/layout.py", "coalora/stages/evaluate.py"),
     metrics=(METRICS,),
     description="every method at seen and unseen configs: perplexity (named protocol) and lm-eval zero-shot "
                 "accuracy, one row per (method, config)",
