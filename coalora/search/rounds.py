@@ -78,7 +78,8 @@ def rebuild_pool(seen: list[dict], n_segments: int, k: int) -> list[str]:
     bits = [e["bits"] for e in seen]
     f1 = [e["f1"] for e in seen]
     kept = segmented_pool(bits, f1, n_segments)
-    rest = sorted((i for i in range(len(seen)) if i not in set(kept)), key=lambda i: (f1[i], bits[i]))
+    dropped = set(range(len(seen))) - set(kept)
+    rest = sorted(dropped, key=lambda i: (f1[i], bits[i]))
     kept = kept + rest[:max(0, k - len(kept))]
     return [seen[i]["id"] for i in sorted(kept, key=lambda i: (bits[i], seen[i]["id"]))]
 
@@ -117,7 +118,8 @@ def search_round(state: dict, r: int, step: int, mode: str, evaluate: Evaluate, 
     for entry, f1 in zip(state["seen"], _measure(evaluate, list(seen.values()))):
         entry["f1"] = f1
     if state["f1_scale"] is None:
-        state["f1_scale"] = max(e["f1"] for e in state["seen"] if e["id"] in set(state["pool"]))
+        pool = set(state["pool"])
+        state["f1_scale"] = max(e["f1"] for e in state["seen"] if e["id"] in pool)
     proposed: list[str] = []
     if mode != "none" and r > 0:
         proposed = _propose_and_measure(state, r, mode, evaluate, layers, p, seed)
