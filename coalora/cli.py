@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -98,9 +99,6 @@ def cmd_track(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    import os
-    import subprocess
-
     from coalora.env import configure
 
     if not 0 < args.port < 65536:
@@ -109,16 +107,12 @@ def cmd_ui(args) -> int:
     from coalora.track import ui_command
 
     command = ui_command(args.root, args.host, args.port)
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {command[3]}); Ctrl-C stops it")
-    try:
-        return subprocess.run(command, env=os.environ.copy()).returncode
-    except KeyboardInterrupt:
-        return 0
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {command[3]}); Ctrl-C stops it", flush=True)
+    os.execv(command[0], command)  # becomes `mlflow ui`: signals reach it directly, nothing is left behind
+    return 0  # not reached
 
 
 def cmd_serve(args) -> int:
-    import os
-
     from coalora.stages import STAGES
 
     _params(args)  # validate before anything starts
@@ -249,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # a line per HTTP request to Prefect's API and per Dask worker event is noise here
+        for name in ("httpx", "alembic", "mlflow.store.db.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # dask sets its level on import
     try:
         return args.fn(args)
     except UserError as exc:

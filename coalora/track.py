@@ -543,6 +543,10 @@ def log_headline(client, parent_id: str, stage, root: Path, tables: dict[Path, l
 
 def ui_command(root: Path | str, host: str = UI_HOST, port: int = UI_PORT) -> list[str]:
     """``mlflow ui`` on loopback over the project's store (artifacts are read from their local folder)."""
+    import shutil
+
     mlflow = Path(sys.executable).parent / "mlflow"
-    return [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", tracking_uri(root),
-            "--host", host, "--port", str(port)]
+    found = str(mlflow) if mlflow.exists() else shutil.which("mlflow")
+    if found is None:
+        raise UserError("ui: the `mlflow` command is not installed in this environment (pip install mlflow)")
+    return [found, "ui", "--backend-store-uri", tracking_uri(root), "--host", host, "--port", str(port)]

@@ -204,3 +204,13 @@ def test_mlflow_ui_shows_the_pareto_figure_in_chromium(repo_root, tmp_path):
                            str(shot)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert shot.is_file() and "plot pixels" in done.stdout
+
+
+def test_ui_command_serves_the_project_store_on_loopback(tmp_path, monkeypatch):
+    from coalora.track import ui_command
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    command = ui_command(tmp_path, port=5123)
+    assert Path(command[0]).name == "mlflow" and command[1] == "ui"
+    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / '.coalora' / 'mlflow.db'}"
+    assert command[command.index("--host") + 1] == "127.0.0.1" and command[-1] == "5123"
