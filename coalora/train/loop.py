@@ -11,6 +11,10 @@ current step to ``end_step`` with the pool passed in, so a caller can train in r
 between them (the Pareto search does). With a ``run_dir`` it checkpoints every ``checkpoint_every`` steps
 and :meth:`Trainer.resume` continues from the newest intact checkpoint with exactly the state an
 uninterrupted run would have had (weights, AdamW moments, every RNG), so the end weights are identical.
+
+Under ``accelerate launch`` (``coalora.parallel``) each rank draws the same configs and batches, runs its own
+rows of the batch through the DDP-wrapped model and lets accelerate average the gradients; only the main
+process writes checkpoints. Started on its own, the loop never touches accelerate.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from coalora import parallel
 from coalora.errors import UserError
 from coalora.space import Config
 from coalora.train import checkpoint as ckpt
@@ -92,6 +97,9 @@ class Trainer:
         self.batch_gen = torch.Generator().manual_seed(self.settings.seed)
         self.config_gen = torch.Generator().manual_seed(self.settings.seed + CONFIG_SEED_OFFSET)
         self.pool_ids: list[str] = []
+        # under a multi-process launch: the DDP-wrapped model and the AcceleratedOptimizer (None otherwise)
+        self.net, self.stepper = (parallel.prepare(self.model, self.optimizer) if parallel.launched()
+                                  else (None, None))
 
     # ---- one step ----------------------------------------------------------------------------------------
 
@@ -109,6 +117,8 @@ class Trainer:
     def train_step(self, configs: Sequence[Config]) -> float:
         """One optimizer step on one batch under every config; returns the mean loss per config."""
         batch = self.batches.sample(self.batch_gen)  # (B, T) tensors
+        if self.net is not None:
+            return self._parallel_step(batch, configs)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for config in configs:
@@ -120,6 +130,25 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         self.optimizer.step()
         return total / len(configs)
+
+    def _parallel_step(self, batch: dict[str, torch.Tensor], configs: Sequence[Config]) -> float:
+        """:meth:`train_step` as one rank of a data-parallel launch: this rank's rows (B/N, T) through the DDP
+        model; the gradients stay local until the last config's backward, which averages the summed gradients
+        over the ranks (one all-reduce per step). Returns the mean loss per config, averaged over the ranks."""
+        acc = parallel.accelerator()
+        part = parallel.shard(batch)  # (B/N, T) tensors on this rank's device
+        self.stepper.zero_grad(set_to_none=True)
+        total = 0.0
+        for j, config in enumerate(configs):
+            self.draws[config.id] = self.draws.get(config.id, 0) + 1
+            self.model.set_config(config)
+            with parallel.no_sync(self.net, sync=j == len(configs) - 1):
+                loss = self.net(**part).loss
+                acc.backward(loss)
+            total += float(loss.detach())
+        acc.clip_grad_norm_(self.params, self.settings.grad_clip)
+        self.stepper.step()
+        return parallel.mean(total / len(configs))
 
     # ---- many steps --------------------------------------------------------------------------------------
 
@@ -159,7 +188,10 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------------
 
     def save(self) -> Path:
-        """Checkpoint the run at its current step (keeps the last two)."""
+        """Checkpoint the run at its current step (keeps the last two); launched: the main process writes."""
+        if not parallel.is_main():
+            parallel.wait()
+            return self.run_dir / ckpt.step_name(self.step)
         tensors, meta = ckpt.optimizer_state(self.optimizer)
         state = {"step": self.step, "losses": self.losses, "seconds": self.seconds, "draws": self.draws,
                  "pool_ids": self.pool_ids,
@@ -170,11 +202,15 @@ class Trainer:
             "rng": ckpt.rng_tensors(self._generators()),
         }, state)
         ckpt.prune(self.run_dir)
+        parallel.wait()
         return folder
 
     def resume(self) -> bool:
         """Continue from the newest intact checkpoint in ``run_dir``; False when there is none."""
-        found = ckpt.latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if self.run_dir is None:
+            return False
+        # launched: the main process reads first (it renames a corrupt checkpoint away), then the others
+        found = parallel.main_first(lambda: ckpt.latest_checkpoint(self.run_dir))
         if found is None:
             return False
         self.restore(found)
@@ -213,7 +249,7 @@ def eval_losses(model: Trainable, configs: Sequence[Config], batch: dict[str, to
         model.set_config(config)
         total, count = 0.0, 0
         for start in range(0, n, chunk):
-            part = {key: value[start:start + chunk] for key, value in batch.items()}
+            part = parallel.on_device({key: value[start:start + chunk] for key, value in batch.items()})
             tokens = int((part["labels"][:, 1:] != IGNORE).sum())  # the predictions the loss averages
             total += float(model(**part).loss) * tokens
             count += tokens

@@ -13,6 +13,9 @@ training again ("after"): the loss-lowering check and the figures of the summary
 A pool method (coalora and its ablations) trains in segments between search rounds (``coalora.search``):
 the round state lives in ``Trainer.extra["search"]``, so it is checkpointed with the weights, and a
 checkpoint is also written right after each round, so a resumed run does not redo finished rounds.
+
+Under ``accelerate launch`` (``coalora.parallel``) every rank runs all of this with the same seeds; the main
+process alone writes checkpoints and final records, and its search-round result is the one every rank uses.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from coalora import parallel
 from coalora.params import LoraParams, SearchParams, TrainParams
 from coalora.search import pool_configs, round_steps, search_round
 from coalora.search.rounds import new_state
@@ -159,10 +163,13 @@ def train_method(method: Method, setup: TrainSetup, work: Path,
         if (reason := skip_reason()) is not None:
             log.warning("%s skipped: %s", method.name, reason)
             return MethodResult(method, skipped=reason)
-    model = build_model(method, setup)
+    model = parallel.to_device(build_model(method, setup))  # launched: onto this rank's device before any init
     result = MethodResult(method, header=adapter_header(model, method))
-    for name, sample, scored in run_plan(method, setup):
-        result.runs.append(train_run(model, method, setup, name, sample, scored, Path(work) / name, on_step))
+    try:
+        for name, sample, scored in run_plan(method, setup):
+            result.runs.append(train_run(model, method, setup, name, sample, scored, Path(work) / name, on_step))
+    finally:
+        parallel.release()  # launched: drop the DDP wrapper and optimizers of this method's model
     return result
 
 
@@ -184,7 +191,7 @@ def _settings(method: Method, setup: TrainSetup) -> LoopSettings:
 def train_run(model, method: Method, setup: TrainSetup, name: str, sample: list[Config], scored: list[Config],
               run_dir: Path, on_step: Callable[[Trainer], None] | None = None) -> RunResult:
     """One run: load it when finished, else init → resume or score "before" → train → score "after" → save."""
-    if (done := _load_final(run_dir, name)) is not None:
+    if (done := parallel.main_first(lambda: _load_final(run_dir, name))) is not None:
         log.info("%s %s: finished earlier, loaded from %s", method.name, name, run_dir)
         return done
     init_run(model, method, setup.seed)
@@ -209,8 +216,10 @@ def train_run(model, method: Method, setup: TrainSetup, name: str, sample: list[
     result = RunResult(name, [c.id for c in scored], trainer.step, round(trainer.seconds, 3), trainer.losses,
                        trainer.draws, trainer.extra["eval_before"], after, model.adapter_state_dict(),
                        trainer.extra.get("search"))
-    ckpt.write_checkpoint(run_dir / ckpt.FINAL, {"adapter": result.adapter}, result.record())
-    ckpt.prune(run_dir, keep=0)  # the final record replaces the step checkpoints
+    if parallel.is_main():
+        ckpt.write_checkpoint(run_dir / ckpt.FINAL, {"adapter": result.adapter}, result.record())
+        ckpt.prune(run_dir, keep=0)  # the final record replaces the step checkpoints
+    parallel.wait()
     return result
 
 
@@ -234,6 +243,9 @@ def train_with_search(trainer: Trainer, method: Method, setup: TrainSetup,
     for r in range(len(state["rounds"]), len(steps)):
         trainer.run(steps[r], pool_configs(state, setup.layers), on_step)
         entry = search_round(state, r, steps[r], method.search, evaluate, setup.layers, setup.search, k, setup.seed)
+        if parallel.launched():  # every rank computed the round; all go on with the main process's result
+            state.update(parallel.broadcast(state))
+            entry = state["rounds"][-1]
         log.info("%s round %d at step %d: pool %d, front %d, hypervolume %.4f, proposed %d (%.1f s)", method.name,
                  r, steps[r], len(entry["pool"]), len(entry["front"]), entry["hypervolume"], len(entry["proposed"]),
                  entry["seconds"])
