@@ -43,10 +43,13 @@ def cmd_stage(args) -> int:
     from coalora.env import configure
 
     configure(args.root)
+    from coalora import parallel
     from coalora.stages import get_stage, run_stage
 
     summary = run_stage(get_stage(args.name), params, args.root, force=args.force)
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    if parallel.is_main():  # under `accelerate launch`: printed once
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    parallel.finish()
     return 0
 
 
@@ -55,6 +58,11 @@ def cmd_run(args) -> int:
     from coalora.stages import STAGES
 
     params = _params(args)  # validate before anything starts or is written
+    from coalora import parallel
+
+    if parallel.launched():
+        raise UserError("coalora run runs in one process; under `accelerate launch` run only `coalora stage train`, "
+                        "then `coalora run` (without accelerate) continues with the stages after it")
     selected = args.stages.split(",") if args.stages else list(STAGES)
     unknown = [name for name in selected if name not in STAGES]
     if unknown:

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import coalora
+from coalora import parallel
 from coalora.artifacts import (RECORD, atomic_folder, content_id, folder_digest, read_json, sha256_file,
                                verify_manifest, write_json)
-from coalora.errors import ArtifactError
+from coalora.errors import ArtifactError, UserError
 from coalora.params import Params
 
 log = logging.getLogger("coalora.stages")
@@ -70,6 +71,8 @@ class Stage:
         metrics: JSON files inside the output folder for ``dvc metrics show``.
         plots: CSV/JSON files inside the output folder for ``dvc plots show``.
         description: one line for ``coalora stages`` and dvc.yaml.
+        extra: anything else; ``data_parallel: True`` lets the stage run under ``accelerate launch``
+            (``coalora.parallel``), ``dvc_plots``: the report's plot definitions.
     """
 
     name: str
@@ -139,9 +142,15 @@ def run_stage(stage: Stage, params: Params, root: Path | str, *, force: bool = F
               progress: bool = True) -> dict:
     """Run one stage (or return its saved summary when its output is fresh and ``force`` is False).
 
-    A corrupt or foreign output folder fails verification and is rebuilt, never used.
+    A corrupt or foreign output folder fails verification and is rebuilt, never used. Under a multi-process
+    launch (only for stages declaring ``data_parallel``) every rank runs the stage, the main process alone
+    writes the output folder, and the work folder is removed once every rank is done.
     """
     root = Path(root)
+    if parallel.launched() and not stage.extra.get("data_parallel"):
+        raise UserError(f"stage {stage.name} runs in one process; under `accelerate launch` (here "
+                        f"{parallel.world_size()} processes) only data-parallel stages run (train); "
+                        f"run `coalora stage {stage.name}` without it")
     if not force and (summary := fresh_summary(stage, params, root)) is not None:
         log.info("stage %s: up to date", stage.name)
         return summary
@@ -154,11 +163,16 @@ def run_stage(stage: Stage, params: Params, root: Path | str, *, force: bool = F
     work.mkdir(parents=True, exist_ok=True)
     log.info("stage %s: running", stage.name)
     started = time.perf_counter()
-    with atomic_folder(stage.out_dir(root)) as tmp:
-        ctx = StageContext(root=root, out=tmp, work=work, inputs=inputs, progress=progress)
+    # launched: the main process writes the atomic folder, the others a throwaway one (parallel.stage_output)
+    output = (parallel.stage_output(lambda: atomic_folder(stage.out_dir(root))) if parallel.launched()
+              else atomic_folder(stage.out_dir(root)))
+    with output as tmp:
+        ctx = StageContext(root=root, out=tmp, work=work, inputs=inputs, progress=progress and parallel.is_main())
         summary = stage.fn(params, ctx)
         summary = {**summary, "seconds": round(time.perf_counter() - started, 2)}
         write_json(tmp / RECORD, {"stage": stage.name, "key": key, "summary": summary})
-    shutil.rmtree(work, ignore_errors=True)
+    parallel.wait()  # launched: no rank still reads the work folder
+    if parallel.is_main():
+        shutil.rmtree(work, ignore_errors=True)
     log.info("stage %s: done in %.1f s", stage.name, summary["seconds"])
     return summary

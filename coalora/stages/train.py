@@ -20,6 +20,9 @@ Adapter files are ``CoAModel.adapter_state_dict()`` (peft's format for qlora-bnb
 Checkpoints live in ``artifacts/.work/train/<method>/``, which survives a failed attempt: a re-run resumes
 there (finished methods and runs are loaded, not retrained). Checkpoints made from other inputs or params are
 discarded, never resumed.
+
+Data-parallel: ``accelerate launch --multi_gpu --num_processes N -m coalora.cli stage train`` runs this stage on N
+ranks (``coalora.parallel``): each trains on its share of every batch, the main process writes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import shutil
 import time
 from pathlib import Path
 
+from coalora import parallel
 from coalora.artifacts import content_id, folder_digest, read_json, read_jsonl, write_json, write_text_atomic
 from coalora.errors import UserError
 from coalora.params import Params
@@ -120,11 +124,13 @@ def method_work(ctx: StageContext, params: Params, method: str) -> Path:
         "inputs": {name: folder_digest(path) for name, path in sorted(ctx.inputs.items())},
     }, length=64)
     work = ctx.work / method
-    if (work / INPUTS).is_file() and read_json(work / INPUTS).get("fingerprint") != fingerprint:
-        log.warning("train %s: discarding checkpoints made from other inputs or params (%s)", method, work)
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    write_json(work / INPUTS, {"fingerprint": fingerprint})
+    if parallel.is_main():  # launched: the main process alone writes checkpoints; the others wait for it
+        if (work / INPUTS).is_file() and read_json(work / INPUTS).get("fingerprint") != fingerprint:
+            log.warning("train %s: discarding checkpoints made from other inputs or params (%s)", method, work)
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(work / INPUTS, {"fingerprint": fingerprint})
+    parallel.wait()
     return work
 
 
@@ -143,6 +149,8 @@ def run(params: Params, ctx: StageContext) -> dict:
     targets = target_set(pool, p.target_bits)
     check_k(params, len(pool))
     check_rounds(params, len(targets))
+    if parallel.launched():
+        parallel.check_batch_size(p.batch_size)
     batches, eval_batch = training_data(params, tokenizer, ctx.input("data"))
     setup = TrainSetup(p, params.lora, params.seed, lambda: load_base(base_dir, p.dtype)[0], layers, pool,
                        targets, batches, eval_batch, ctx.progress, search=params.search,
@@ -304,4 +312,5 @@ STAGE = Stage(
           "coalora/space.py", "coalora/stages/train.py"),
     metrics=(METRICS,),
     description="CoA-LoRA and the baselines trained for the same target configs (checkpointed, resumable)",
+    extra={"data_parallel": True},  # runs under `accelerate launch` (coalora.parallel)
 )
