@@ -67,10 +67,12 @@ def cmd_run(args) -> int:
     unknown = [name for name in selected if name not in STAGES]
     if unknown:
         raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)}; allowed: {', '.join(STAGES)}")
-    del params
     if args.dask_workers is not None and args.dask_workers < 1:
         raise UserError(f"--dask-workers: {args.dask_workers}; give a number of worker processes >= 1")
     configure(args.root)
+    if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
+        return 0
+    del params
     from flows.pipeline import run_pipeline
 
     result = run_pipeline(str(Path(args.root).resolve()), args.profile, selected, track=not args.no_track,
@@ -81,6 +83,33 @@ def cmd_run(args) -> int:
     print(f"artifacts: {Path(args.root).resolve() / 'artifacts'}")
     _print_report(Path(args.root).resolve(), result.get("mlflow"))
     return 0
+
+
+def _up_to_date(args, params, selected: list[str]) -> bool:
+    """Like ``dvc repro`` on an unchanged project: when every selected stage's output is intact and built
+    under its current key, say so and stop, without starting Prefect (its temporary server alone costs
+    seconds). Tracking still happens if the MLflow store does not hold these results yet."""
+    from coalora.stages import fresh_summary, get_stage
+
+    root = Path(args.root).resolve()
+    summaries = {name: fresh_summary(get_stage(name), params, root) for name in selected}
+    if any(summary is None for summary in summaries.values()):
+        return False
+    for name, summary in summaries.items():
+        print(f"{name:<12} {'Cached':<10} {summary.get('seconds', 0):>8.1f} s  artifacts/{name}/")
+    print("every stage is up to date: nothing to run (no flow started)")
+    print(f"artifacts: {root / 'artifacts'}")
+    tracked = None
+    if not args.no_track:
+        from coalora.track import already_tracked, log_pipeline
+
+        run = already_tracked(root, selected)
+        if run is None:
+            outcome = {"stages": {name: {"state": "Cached", "summary": s} for name, s in summaries.items()}}
+            run = log_pipeline(root, args.profile, outcome)
+        tracked = {"run_id": run.run_id, "tracking_uri": run.tracking_uri, "url": run.url()}
+    _print_report(root, tracked)
+    return True
 
 
 def _print_report(root: Path, tracked: dict | None) -> None:

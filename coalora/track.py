@@ -523,7 +523,46 @@ def log_pipeline(root: Path | str, profile: str | None = None, outcome: dict | N
         raise
     finally:
         client.set_terminated(parent_id, status)
-    return TrackedRun(parent_id, exp_id, uri)
+    tracked = TrackedRun(parent_id, exp_id, uri)
+    remember(root, [s.name for s in stages], tracked)
+    return tracked
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What was logged last: a fully cached `coalora run` need not log the same results again
+# ---------------------------------------------------------------------------------------------------------
+
+LAST_TRACKED = "tracked.json"
+
+
+def fingerprint(root: Path | str, names: list[str]) -> str:
+    """Identity of the results a run would log: each stage's key (``stage.json``) and the tracking store."""
+    from coalora.artifacts import content_id
+
+    root = Path(root)
+    keys = {}
+    for name in names:
+        record = root / "artifacts" / name / RECORD
+        keys[name] = (_read_json(record) or {}).get("key") if record.is_file() else None
+    return content_id({"stages": keys, "tracking_uri": tracking_uri(root)})
+
+
+def remember(root: Path | str, names: list[str], tracked: TrackedRun) -> None:
+    """Record the run that holds the results of ``names`` as they are now (``.coalora/tracked.json``)."""
+    from coalora.artifacts import write_json
+
+    write_json(state_dir(root) / LAST_TRACKED, {"fingerprint": fingerprint(root, names), "run_id": tracked.run_id,
+                                                "experiment_id": tracked.experiment_id,
+                                                "tracking_uri": tracked.tracking_uri})
+
+
+def already_tracked(root: Path | str, names: list[str]) -> TrackedRun | None:
+    """The MLflow run already holding exactly these results, or None (without importing mlflow)."""
+    path = state_dir(root) / LAST_TRACKED
+    last = _read_json(path) if path.is_file() else None
+    if not isinstance(last, dict) or last.get("fingerprint") != fingerprint(root, names):
+        return None
+    return TrackedRun(last["run_id"], last["experiment_id"], last["tracking_uri"])
 
 
 def log_headline(client, parent_id: str, stage, root: Path, tables: dict[Path, list[dict]]) -> None:

@@ -76,6 +76,11 @@ def test_sigkill_inside_training_resumes_to_the_uninterrupted_result(repo_root, 
     assert {n: (killed / "artifacts" / n / "stage.json").stat().st_mtime_ns for n in UPSTREAM} == upstream
     assert "resum" in (resumed.stdout + resumed.stderr).lower(), "the log should say training resumed"
 
+    # everything up to date now: `coalora run` says so without starting a flow, and logs nothing new
+    again = _run(killed)
+    assert again.returncode == 0 and "nothing to run" in again.stdout, again.stdout[-2000:]
+    assert resumed.stdout.split("mlflow:")[1].split()[1] == again.stdout.split("mlflow:")[1].split()[1]
+
     uninterrupted = _run(clean)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     assert _results(killed) == _results(clean)

@@ -214,3 +214,18 @@ def test_ui_command_serves_the_project_store_on_loopback(tmp_path, monkeypatch):
     assert Path(command[0]).name == "mlflow" and command[1] == "ui"
     assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / '.coalora' / 'mlflow.db'}"
     assert command[command.index("--host") + 1] == "127.0.0.1" and command[-1] == "5123"
+
+
+def test_the_same_results_are_logged_once(project):
+    """A fully cached `coalora run` finds the run that already holds its results (no new MLflow run); a
+    changed stage key means new results, which are logged again."""
+    from coalora.track import already_tracked, log_pipeline
+
+    names = ["data", "base_model", "train", "evaluate"]
+    assert already_tracked(project, names) is None
+    tracked = log_pipeline(project, outcome={"stages": {n: {"state": "Completed", "summary": {}} for n in names}})
+    found = already_tracked(project, names)
+    assert found is not None and (found.run_id, found.tracking_uri) == (tracked.run_id, tracked.tracking_uri)
+    record = project / "artifacts" / "train" / "stage.json"
+    record.write_text(record.read_text().replace("k" * 64, "j" * 64))  # the train stage was rebuilt
+    assert already_tracked(project, names) is None
