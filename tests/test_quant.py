@@ -31,7 +31,7 @@ from coalora.quant import (
     unpack_bits,
 )
 from coalora.quant.fake import block_scales
-from coalora.quant.nf import GRID_CELLS, nearest_level_index, nearest_level_index_reference
+from coalora.quant.nf import GRID_CELLS, grid_level_index, nearest_level_index, nearest_level_index_reference
 
 SOME_SPECS = [
     QLORA_SPEC,
@@ -194,7 +194,9 @@ def test_grid_search_equals_the_binary_search_at_every_edge(k):
                     torch.nextafter(mids, up.expand_as(mids)), torch.nextafter(mids, down.expand_as(mids)),
                     torch.nextafter(cells, up.expand_as(cells)), torch.nextafter(cells, down.expand_as(cells)),
                     torch.tensor([-3e38, -2.5, -1.0, -0.0, 0.0, 1.0, 2.5, 3e38, float("inf"), -float("inf")])])
-    assert torch.equal(nearest_level_index(xs, k), nearest_level_index_reference(xs, k))
+    reference = nearest_level_index_reference(xs, k)
+    assert torch.equal(grid_level_index(xs, k), reference)
+    assert torch.equal(nearest_level_index(xs, k), reference)
 
 
 # ------------------------------------------------------------------------------ fake quantization
