@@ -21,7 +21,8 @@ from prefect.futures import wait
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from coalora.params import load_params
-from coalora.stages import STAGES, fresh_summary, get_stage
+from coalora import stages as registry
+from coalora.stages import fresh_summary, get_stage
 from tasks.stages import job_ids, job_task, stage_task, track_task
 
 FLOW_NAME = "coalora-pipeline"
@@ -40,7 +41,8 @@ def pipeline(root: str = ".", profile: str | None = None, stages: list[str] | No
     """
     params = load_params(root, profile)
     outcome = {}
-    for name in stages or list(STAGES):
+    # the registry at call time: importing STAGES by name would freeze the stage list of import time
+    for name in stages or list(registry.PIPELINE):
         intact = fresh_summary(get_stage(name), params, Path(root)) is not None
         if not intact and fan_out_jobs:
             fan_out(name, root, profile)

@@ -60,8 +60,17 @@ def _results(root: Path) -> dict[str, bytes]:
     for path in sorted(train.glob("*/train.json")):
         record = json.loads(path.read_text())
         kept = {k: record[k] for k in ("configs", "eval_loss_after", "final_loss", "steps", "rounds") if k in record}
-        found[str(path.relative_to(train))] = json.dumps(kept, sort_keys=True).encode()
+        found[str(path.relative_to(train))] = json.dumps(_timeless(kept), sort_keys=True).encode()
     return found
+
+
+def _timeless(obj):
+    """``obj`` without its wall-clock fields (``seconds``), which no two runs share."""
+    if isinstance(obj, dict):
+        return {k: _timeless(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_timeless(v) for v in obj]
+    return obj
 
 
 def test_sigkill_inside_training_resumes_to_the_uninterrupted_result(repo_root, tmp_path):
