@@ -78,11 +78,15 @@ def cmd_run(args) -> int:
     result = run_pipeline(str(Path(args.root).resolve()), args.profile, selected, track=not args.no_track,
                           dask=args.dask, dask_address=args.dask_address, dask_workers=args.dask_workers)
     for name, outcome in result["stages"].items():
-        print(f"{name:<12} {outcome['state']:<10} {outcome['summary'].get('seconds', 0):>8.1f} s  "
-              f"artifacts/{name}/")
+        _print_stage(name, outcome["state"], outcome["summary"])
     print(f"artifacts: {Path(args.root).resolve() / 'artifacts'}")
     _print_report(Path(args.root).resolve(), result.get("mlflow"))
     return 0
+
+
+def _print_stage(name: str, state: str, summary: dict) -> None:
+    """One line per stage: name, state, the seconds it took when built, its output folder."""
+    print(f"{name:<12} {state:<10} {summary.get('seconds', 0):>8.1f} s  artifacts/{name}/")
 
 
 def _up_to_date(args, params, selected: list[str]) -> bool:
@@ -96,7 +100,7 @@ def _up_to_date(args, params, selected: list[str]) -> bool:
     if any(summary is None for summary in summaries.values()):
         return False
     for name, summary in summaries.items():
-        print(f"{name:<12} {'Cached':<10} {summary.get('seconds', 0):>8.1f} s  artifacts/{name}/")
+        _print_stage(name, "Cached", summary)
     print("every stage is up to date: nothing to run (no flow started)")
     print(f"artifacts: {root / 'artifacts'}")
     tracked = None

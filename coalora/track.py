@@ -206,14 +206,11 @@ def _pyplot():
 
 def front_indices(xs: list[float], ys: list[float], lower_better: bool) -> list[int]:
     """Indices of the non-dominated points (fewer bits better; metric by ``lower_better``), by bits."""
+    from coalora.pareto import non_dominated
+
     sign = 1.0 if lower_better else -1.0
-    order = sorted(range(len(xs)), key=lambda i: (xs[i], sign * ys[i]))
-    front, best = [], math.inf
-    for i in order:
-        if sign * ys[i] < best:
-            front.append(i)
-            best = sign * ys[i]
-    return front
+    keep = non_dominated([(x, sign * y) for x, y in zip(xs, ys)])
+    return sorted((i for i in range(len(xs)) if keep[i]), key=lambda i: (xs[i], sign * ys[i]))
 
 
 def metric_columns(rows: list[dict]) -> list[str]:
