@@ -135,18 +135,53 @@ class CalibrateParams(Section):
 MIN_BITS, MAX_BITS = 2.0322265625, 8.625
 
 
-class AllocateParams(Section):
-    """Budgeted integer programs (METHOD.md §5): the initial pool and the held-out configurations.
+def _distinct_bits(bits: list[float]) -> list[float]:
+    """Average-bits values: each within the feasible range of any config, none repeated."""
+    bad = [b for b in bits if not MIN_BITS <= b <= MAX_BITS]
+    if bad:
+        raise ValueError(f"{bad} out of range; allowed: {MIN_BITS} to {MAX_BITS} bits")
+    if len(set(bits)) != len(bits):
+        raise ValueError(f"{bits} repeats a value; each must be distinct")
+    return bits
 
-    Budgets are average bits over the quantized layers. ``random_tolerance``: a random held-out config is
-    repaired to lie within this many bits under its budget (never over it).
+
+
+class UnseenParams(Section):
+    """The common unseen set: configurations held out of every method's training and of the search.
+
+    Half are the integer program's least-cost configs at ``milp_budgets`` (budgets between the pool's grid
+    points), half random configs at ``random_budgets`` (every layer's spec drawn uniformly, then repaired to
+    lie within ``random_tolerance`` bits under its budget): configs no allocation would pick, far from any
+    pool config. Every method is scored at every one of them; the evaluation asserts none was ever drawn.
+    """
+
+    milp_budgets: list[float]
+    random_budgets: list[float]
+    random_tolerance: float = Field(gt=0, le=1)
+
+    @field_validator("milp_budgets", "random_budgets")
+    @classmethod
+    def _budgets(cls, bits: list[float]) -> list[float]:
+        return _distinct_bits(bits)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "UnseenParams":
+        if not self.milp_budgets and not self.random_budgets:
+            raise ValueError("milp_budgets and random_budgets are both empty; the unseen set needs at least one")
+        return self
+
+
+class AllocateParams(Section):
+    """Budgeted integer programs (METHOD.md §5): the initial pool and the unseen configurations.
+
+    The pool: one least-cost config at each of ``grid_size`` budgets evenly spaced on [budget_min,
+    budget_max] (the paper: 50 budgets over 2.25–7.25 bits). Budgets are average bits over the quantized layers.
     """
 
     budget_min: float = Field(ge=MIN_BITS, le=MAX_BITS)
     budget_max: float = Field(ge=MIN_BITS, le=MAX_BITS)
-    grid_size: int = Field(ge=2, description="budgets on the grid; every other one goes to the pool")
-    n_random_heldout: int = Field(ge=0)
-    random_tolerance: float = Field(gt=0, le=1)
+    grid_size: int = Field(ge=2, description="pool budgets on [budget_min, budget_max]")
+    unseen: UnseenParams
 
     @model_validator(mode="after")
     def _ordered(self) -> "AllocateParams":
@@ -183,19 +218,22 @@ class TrainParams(Section):
     """Configuration-aware training and the baselines, all at the same target configs (METHOD.md §4, §6).
 
     The **target set**: for each value of ``target_bits`` the pool config nearest to it; every method is
-    trained for (and later evaluated at) exactly these configs. Step budget: a per-config method (qlora,
-    lqlora, qlora-bnb) trains ``steps_per_config`` steps for each target; coalora and shared train
-    ``joint_steps`` steps in all, and ``joint_steps: null`` means ``steps_per_config × len(targets)``, the
-    cost of ONE per-config method over the whole target set. ``k``: configs per coalora step, their losses
-    summed. ``data``: ``text`` (LM loss on the C4-schema text) or ``instruct`` (loss on response tokens
-    only). ``eval_sequences``: held-out sequences of the fixed batch scored before and after training.
+    trained for (and later scored at) exactly these configs. Compute is counted in **config-steps** (one
+    forward+backward of one configuration on one batch): a per-config method (qlora, lqlora, qlora-bnb) trains
+    ``steps_per_config`` steps (= config-steps) for each target; a joint method (the coalora family, shared)
+    gets ``joint_compute`` × the config-steps of ONE per-config method over the whole target set, i.e.
+    ``joint_compute · steps_per_config · len(targets)`` config-steps, taken as that many / K steps of K configs
+    each. ``k``: configs per coalora step, their losses summed. ``data``: ``text`` (LM loss on the C4-schema
+    fine-tuning text) or ``instruct`` (loss on response tokens only). ``eval_sequences``: held-out sequences of
+    the fixed batch scored before and after training. ``seed``: the training seed (LoRA init, batch order,
+    config draws, search); null = the top-level ``seed`` (the seeds study varies it over one base model).
     """
 
     methods: list[Literal[TRAIN_METHODS]] = Field(min_length=1)
     target_bits: list[float] = Field(min_length=1)
     k: int = Field(ge=1)
     steps_per_config: int = Field(ge=1)
-    joint_steps: int | None = Field(ge=1)
+    joint_compute: float = Field(gt=0, le=100)
     lr: float = Field(gt=0, le=1)
     grad_clip: float = Field(gt=0)
     batch_size: int = Field(ge=1)
@@ -204,16 +242,12 @@ class TrainParams(Section):
     data: Literal["text", "instruct"]
     eval_sequences: int = Field(ge=1)
     checkpoint_every: int = Field(ge=1)
+    seed: int | None = Field(ge=0)
 
     @field_validator("target_bits")
     @classmethod
     def _bits_in_range(cls, bits: list[float]) -> list[float]:
-        bad = [b for b in bits if not MIN_BITS <= b <= MAX_BITS]
-        if bad:
-            raise ValueError(f"{bad} out of range; allowed: {MIN_BITS} to {MAX_BITS} bits")
-        if len(set(bits)) != len(bits):
-            raise ValueError(f"{bits} repeats a value; each target must be distinct")
-        return bits
+        return _distinct_bits(bits)
 
     @field_validator("methods")
     @classmethod
@@ -226,24 +260,27 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     """Stage ``evaluate``: which (method, config) rows are scored, under the ``eval`` protocol.
 
-    For each value of ``budgets`` (average bits): a **seen** row per method, its seen config nearest in bits
-    (coalora family: its final pool; qlora, lqlora, shared: the configs it was trained for; qlora-bnb: its
-    uniform NF4 config only), and an **unseen** row, the allocate stage's held-out config nearest in bits
-    (the same configs for every method; per-config methods use the adapter of their nearest-bits target).
-    Duplicate rows (two budgets selecting one config) are scored once.
+    Every method (and the quantized base without adapter, ``none``) is scored at every **target** config and
+    at every config of the common **unseen** set (``allocate.unseen``); a method that drew other configs in
+    training (the coalora family: its pool) is also scored at the drawn config nearest each of
+    ``seen_budgets`` (**seen** rows); full precision and the bitsandbytes NF4 QLoRA are **reference** rows.
+    ``sets``: the row kinds scored (``target`` always; the compute study scores only targets).
     """
 
-    budgets: list[float] = Field(min_length=1)
+    seen_budgets: list[float]
+    sets: list[Literal["target", "seen", "unseen"]] = Field(min_length=1)
 
-    @field_validator("budgets")
+    @field_validator("sets")
+    @classmethod
+    def _target_first(cls, sets: list[str]) -> list[str]:
+        if "target" not in sets or len(set(sets)) != len(sets):
+            raise ValueError(f"{sets}: must include 'target' (every comparison is made there), each kind once")
+        return sets
+
+    @field_validator("seen_budgets")
     @classmethod
     def _budgets_in_range(cls, bits: list[float]) -> list[float]:
-        bad = [b for b in bits if not MIN_BITS <= b <= MAX_BITS]
-        if bad:
-            raise ValueError(f"{bad} out of range; allowed: {MIN_BITS} to {MAX_BITS} bits")
-        if len(set(bits)) != len(bits):
-            raise ValueError(f"{bits} repeats a value; each budget must be distinct")
-        return bits
+        return _distinct_bits(bits)
 
 
 class HvAccuracy(Section):
@@ -269,15 +306,70 @@ class HvParams(Section):
     perplexity: HvPerplexity
 
 
-class ReportParams(Section):
-    """Stage ``report``: summary metrics over the evaluation table, and the markdown report with plots.
+class BootstrapParams(Section):
+    """Paired bootstrap over benchmark items and perplexity windows: every difference the report states
+    carries a ``confidence`` interval from ``resamples`` resamples drawn with generator ``seed``."""
 
-    ``serve_k``: the number of configurations K in "time to serve K configurations": a per-config method
+    resamples: int = Field(ge=1000, le=100000)
+    seed: int = Field(ge=0)
+    confidence: float = Field(gt=0.5, lt=1)
+
+
+class ClaimsParams(Section):
+    """Margins of the claims table (``report/claims.json``), in the units of each claim's metric.
+
+    ``equivalence_points``: "coalora ≈ per-config" holds when the interval of the accuracy gap lies within
+    ±this many points (or above 0); ``equivalence_ppl_ratio``: likewise for the perplexity ratio, within
+    [1/ratio, ratio] (or below 1); ``unseen_points`` / ``unseen_ppl_ratio``: "unseen within 1% accuracy / 2%
+    perplexity of seen" (1.0 points, 1.02); ``superiority_points``: a "greater than" claim does not hold when
+    its interval lies below this margin.
+    """
+
+    equivalence_points: float = Field(gt=0)
+    equivalence_ppl_ratio: float = Field(gt=1)
+    unseen_points: float = Field(gt=0)
+    unseen_ppl_ratio: float = Field(gt=1)
+    superiority_points: float = Field(gt=0)
+
+
+class ReportParams(Section):
+    """Stage ``report``: summary metrics over the evaluation table, intervals, claims, and the report.
+
+    ``serve_k``: the number of configurations K in "cost to serve K configurations": a per-config method
     trains K runs; a joint method trains once; each then switches to (quantizes) each of the K configs.
+    ``baseline``: the per-config method gaps are stated against.
     """
 
     hv: HvParams
     serve_k: int = Field(ge=1)
+    baseline: Literal["qlora", "lqlora"]
+    bootstrap: BootstrapParams
+    claims: ClaimsParams
+
+
+class StudyParams(Section):
+    """``coalora study``: runs beside the pipeline over its data, base model and pool (no stage reads this).
+
+    ``compute``: joint-compute multipliers of the compute study (coalora only, the per-config baseline at its
+    default); ``seeds``: training seeds of the seeds study (every method).
+    """
+
+    compute: list[float] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=2)
+
+    @field_validator("compute")
+    @classmethod
+    def _positive(cls, values: list[float]) -> list[float]:
+        if any(not 0 < v <= 100 for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"{values}: each multiplier must be in (0, 100] and distinct")
+        return values
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, values: list[int]) -> list[int]:
+        if any(v < 0 for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"{values}: seeds must be non-negative and distinct")
+        return values
 
 
 class SearchParams(Section):
@@ -325,6 +417,12 @@ class Params(Section):
     search: SearchParams
     evaluate: EvaluateParams
     report: ReportParams
+    study: StudyParams
+
+    @property
+    def train_seed(self) -> int:
+        """The training seed: ``train.seed``, or the top-level ``seed`` when that is null."""
+        return self.seed if self.train.seed is None else self.train.seed
 
     def sections(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The JSON-able values of the named top-level sections (what a stage's cache key hashes)."""

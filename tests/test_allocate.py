@@ -6,6 +6,7 @@ import csv
 import itertools
 
 import numpy as np
+import yaml
 import pytest
 import torch
 
@@ -145,7 +146,7 @@ def _run_allocate(params, calibrate_dir, out):
     return STAGE.fn(params, ctx)
 
 
-def test_stage_pool_and_heldout_are_disjoint_and_deterministic(repo_root, calibrate_dir, tmp_path):
+def test_stage_pool_and_unseen_are_disjoint_and_deterministic(repo_root, calibrate_dir, tmp_path):
     params = load_params(repo_root, "smoke")
     table = CostTable.load(calibrate_dir)
     summary = _run_allocate(params, calibrate_dir, tmp_path / "a")
@@ -157,28 +158,46 @@ def test_stage_pool_and_heldout_are_disjoint_and_deterministic(repo_root, calibr
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
     pool = {p.stem for p in (tmp_path / "a/pool").glob("*.json")}
-    heldout = {p.stem for p in (tmp_path / "a/heldout").glob("*.json")}
-    assert pool and heldout and not pool & heldout
-    assert summary["pool"] == len(pool) and summary["heldout"] == len(heldout)
+    unseen = {p.stem for p in (tmp_path / "a/unseen").glob("*.json")}
+    assert pool and unseen and not pool & unseen
+    assert summary["pool"] == len(pool) and summary["unseen"] == len(unseen)
     rows = list(csv.DictReader(open(tmp_path / "a/configs.csv")))
     assert {r["id"] for r in rows if r["set"] == "pool"} == pool
-    assert {r["id"] for r in rows if r["set"] == "heldout"} == heldout
+    assert {r["id"] for r in rows if r["set"] == "unseen"} == unseen
     a = params.allocate
     grid = np.round(np.linspace(a.budget_min, a.budget_max, a.grid_size), 6)
     for row in rows:
-        config = Config.load(tmp_path / "a" / ("pool" if row["set"] == "pool" else "heldout") / f"{row['id']}.json",
-                             table.layers)
+        config = Config.load(tmp_path / "a" / row["set"] / f"{row['id']}.json", table.layers)
         budget = config.meta["budget"]
         assert config.bits <= budget and float(row["bits"]) == pytest.approx(config.bits, abs=1e-6)
         assert row["source"] == config.meta["source"]
         if row["set"] == "pool":
-            assert row["source"] == "milp" and budget in grid[0::2].tolist()
+            assert row["source"] == "milp" and budget in grid.tolist()
+        elif row["source"] == "milp":
+            assert budget in a.unseen.milp_budgets
         else:
-            assert budget in grid[1::2].tolist()  # the random ones too: drawn from the held-out budgets
-        if row["source"] == "random":
-            assert budget - a.random_tolerance < config.bits
-    assert sum(r["source"] == "random" for r in rows) == summary["heldout_random"] == a.n_random_heldout
+            assert budget in a.unseen.random_budgets and budget - a.unseen.random_tolerance < config.bits
+    assert sum(r["source"] == "random" for r in rows) == summary["unseen_random"] == len(a.unseen.random_budgets)
     assert read_json(tmp_path / "a/pool" / f"{rows[0]['id']}.json")["weighting"] == "fisher"
+
+
+@pytest.mark.parametrize("unseen, message", [
+    ({"milp_budgets": [2.25]}, "allocate.unseen.milp_budgets: budget 2.25 gives the same config as the pool "
+                               "config at budget 2.25"),
+    ({"random_budgets": [9.0]}, "allocate.unseen.random_budgets: Value error, [9.0] out of range"),
+    ({"milp_budgets": [], "random_budgets": []}, "allocate.unseen: Value error, milp_budgets and random_budgets "
+                                                 "are both empty"),
+])
+def test_an_unseen_set_that_cannot_be_held_out_is_refused_naming_the_key(repo_root, calibrate_dir, tmp_path,
+                                                                        unseen, message):
+    from coalora.errors import ParamsError, UserError
+    from coalora.params import validate
+
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["allocate"]["unseen"].update(unseen)
+    with pytest.raises((ParamsError, UserError)) as caught:
+        _run_allocate(validate(raw), calibrate_dir, tmp_path / "a")
+    assert message in str(caught.value)
 
 
 def test_stage_uses_the_recorded_weighting(repo_root, calibrate_dir, tmp_path):

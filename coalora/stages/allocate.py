@@ -1,15 +1,17 @@
-"""Stage ``allocate``: the initial training pool and the held-out configs (METHOD.md §5).
+"""Stage ``allocate``: the initial training pool and the common unseen set (METHOD.md §5).
 
-A grid of ``allocate.grid_size`` budgets evenly spaced on [budget_min, budget_max] is split alternately:
-even positions (0, 2, 4, …) → the **pool** (seen), odd positions → **held-out** (unseen), each solved by
-the integer program on the calibrate stage's selected cost table. ``allocate.n_random_heldout`` random
-configs join the held-out set, each at a budget drawn from the held-out budgets
-(:func:`coalora.allocate.random_at_budget`). A held-out config identical to a pool config (same id) is
-dropped: held-out means never in the pool. Writes
+The **pool**: the integer program's least-cost config at each of ``allocate.grid_size`` budgets evenly
+spaced on [budget_min, budget_max], solved on the calibrate stage's selected cost table (duplicates dropped).
 
-    pool/<id>.json, heldout/<id>.json   configs (Config.to_dict) with budget, source (milp | random), cost,
-                                         weighting, and for milp configs the proven optimality gap
-    configs.csv                          id, set, source, budget, bits, cost
+The **unseen** set (``allocate.unseen``), held out of every method's training and of the search's candidates
+(the train stage reads it): the least-cost configs at ``milp_budgets`` and random configs at
+``random_budgets`` (:func:`coalora.allocate.random_at_budget`). An unseen config equal to a pool config, or
+two equal unseen configs, cannot be held out: the stage stops naming the budget (choose budgets between the
+pool's grid points). Writes
+
+    pool/<id>.json, unseen/<id>.json   configs (Config.to_dict) with budget, source (milp | random), cost,
+                                        weighting, and for milp configs the proven optimality gap
+    configs.csv                         id, set, source, budget, bits, cost
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import time
 
 import numpy as np
 
-from coalora.allocate import allocate_budget, random_at_budget
+from coalora.allocate import allocate_budget, budget_range, random_at_budget
 from coalora.artifacts import write_text_atomic
 from coalora.calibrate import CostTable
+from coalora.errors import UserError
 from coalora.params import Params
 from coalora.space import SPEC_INDEX, Config
 from coalora.stages.core import Stage, StageContext
@@ -30,10 +33,9 @@ from coalora.stages.core import Stage, StageContext
 CSV_COLUMNS = ("id", "set", "source", "budget", "bits", "cost")
 
 
-def budget_grid(budget_min: float, budget_max: float, size: int) -> tuple[list[float], list[float]]:
-    """(pool budgets, held-out budgets): the grid's even and odd positions, rounded to 6 decimals."""
-    grid = [round(float(b), 6) for b in np.linspace(budget_min, budget_max, size)]
-    return grid[0::2], grid[1::2]
+def budget_grid(budget_min: float, budget_max: float, size: int) -> list[float]:
+    """The pool's budgets: ``size`` evenly spaced on [budget_min, budget_max], rounded to 6 decimals."""
+    return [round(float(b), 6) for b in np.linspace(budget_min, budget_max, size)]
 
 
 def _milp_configs(table: CostTable, budgets: list[float], cost: np.ndarray, bpp: np.ndarray,
@@ -73,40 +75,72 @@ def _csv(rows: list[tuple[str, Config]]) -> str:
     return buffer.getvalue()
 
 
-def run(params: Params, ctx: StageContext) -> dict:
-    """Allocate: solve the grid, draw the random held-out configs, deduplicate, write; returns a summary."""
-    p = params.allocate
-    table = CostTable.load(ctx.input("calibrate"))
-    cost, bpp, numel = table.selected.numpy(), table.bits_per_param.numpy(), table.numel.numpy()
-    pool_budgets, heldout_budgets = budget_grid(p.budget_min, p.budget_max, p.grid_size)
-    pool_all, pool_seconds = _milp_configs(table, pool_budgets, cost, bpp, numel)
-    heldout_milp, heldout_seconds = _milp_configs(table, heldout_budgets, cost, bpp, numel)
-    rng = np.random.default_rng(params.seed)
+def _check_budgets(budgets: list[float], key: str, bpp: np.ndarray, numel: np.ndarray) -> None:
+    """UserError naming ``key`` when a budget lies outside what this model's configs can reach."""
+    low, high = budget_range(bpp, numel)
+    bad = [b for b in budgets if not low <= b <= high]
+    if bad:
+        raise UserError(f"{key}: {bad} bits cannot be reached by this model's configs; allowed: {low:.4f} … "
+                        f"{high:.4f}")
+
+
+def unseen_configs(table: CostTable, p, cost: np.ndarray, bpp: np.ndarray, numel: np.ndarray,
+                   pool: list[Config], seed: int) -> tuple[list[Config], list[float]]:
+    """The unseen set (module docstring); (configs, seconds per MILP solve).
+
+    Raises:
+        UserError: naming ``allocate.unseen.<field>`` when a budget is infeasible or its config coincides with
+            a pool config or another unseen config.
+    """
+    u = p.unseen
+    _check_budgets(u.milp_budgets, "allocate.unseen.milp_budgets", bpp, numel)
+    _check_budgets(u.random_budgets, "allocate.unseen.random_budgets", bpp, numel)
+    milp, seconds = _milp_configs(table, u.milp_budgets, cost, bpp, numel)
+    rng = np.random.default_rng(seed)
     randoms = []
-    for _ in range(p.n_random_heldout):
-        budget = float(rng.choice(heldout_budgets))
-        idx = random_at_budget(bpp, numel, budget, p.random_tolerance, rng)
+    for budget in u.random_budgets:
+        idx = random_at_budget(bpp, numel, budget, u.random_tolerance, rng)
         randoms.append(Config.from_indices(_global(table, idx), table.layers, budget=budget, source="random",
                                            cost=float(cost[np.arange(len(idx)), idx].sum()),
                                            weighting=table.weighting))
+    taken = {c.id: f"the pool config at budget {c.meta['budget']}" for c in pool}
+    for key, configs in (("milp_budgets", milp), ("random_budgets", randoms)):
+        for config in configs:
+            if config.id in taken:
+                raise UserError(f"allocate.unseen.{key}: budget {config.meta['budget']} gives the same config as "
+                                f"{taken[config.id]}; an unseen config must differ from every pool and unseen "
+                                f"config: choose budgets between the pool's grid points "
+                                f"({p.budget_min} … {p.budget_max}, {p.grid_size} budgets)")
+            taken[config.id] = f"the unseen config at budget {config.meta['budget']}"
+    return milp + randoms, seconds
+
+
+def run(params: Params, ctx: StageContext) -> dict:
+    """Allocate: solve the pool's grid, then the unseen set; write; returns a summary."""
+    p = params.allocate
+    table = CostTable.load(ctx.input("calibrate"))
+    cost, bpp, numel = table.selected.numpy(), table.bits_per_param.numpy(), table.numel.numpy()
+    grid = budget_grid(p.budget_min, p.budget_max, p.grid_size)
+    _check_budgets(grid, "allocate.budget_min/budget_max", bpp, numel)
+    pool_all, pool_seconds = _milp_configs(table, grid, cost, bpp, numel)
     pool = _unique(pool_all)
-    heldout = _unique(heldout_milp + randoms, exclude={c.id for c in pool})
-    for name, configs in (("pool", pool), ("heldout", heldout)):
+    unseen, unseen_seconds = unseen_configs(table, p, cost, bpp, numel, pool, params.seed)
+    for name, configs in (("pool", pool), ("unseen", unseen)):
         (ctx.out / name).mkdir()
         for config in configs:
             config.save(ctx.out / name / f"{config.id}.json")
-    write_text_atomic(ctx.out / "configs.csv", _csv([("pool", c) for c in pool] + [("heldout", c) for c in heldout]))
-    seconds = pool_seconds + heldout_seconds
+    write_text_atomic(ctx.out / "configs.csv", _csv([("pool", c) for c in pool] + [("unseen", c) for c in unseen]))
+    seconds = pool_seconds + unseen_seconds
+    milp = pool_all + [c for c in unseen if c.meta["source"] == "milp"]
     return {
         "weighting": table.weighting,
         "pool": len(pool),
-        "heldout": len(heldout),
-        "heldout_random": sum(c.meta["source"] == "random" for c in heldout),
-        "duplicates_dropped": len(pool_all) + len(heldout_milp) + len(randoms) - len(pool) - len(heldout),
+        "unseen": len(unseen),
+        "unseen_random": sum(c.meta["source"] == "random" for c in unseen),
+        "duplicates_dropped": len(pool_all) - len(pool),
         "pool_bits": [round(min(c.bits for c in pool), 4), round(max(c.bits for c in pool), 4)],
-        "heldout_bits": [round(min(c.bits for c in heldout), 4), round(max(c.bits for c in heldout), 4)]
-        if heldout else [],
-        "milp_gap_max": float(max(c.meta["gap"] for c in pool_all + heldout_milp)),
+        "unseen_bits": [round(min(c.bits for c in unseen), 4), round(max(c.bits for c in unseen), 4)],
+        "milp_gap_max": float(max(c.meta["gap"] for c in milp)),
         "solve_seconds_mean": round(float(np.mean(seconds)), 4),
         "solve_seconds_max": round(float(np.max(seconds)), 4),
     }
@@ -118,5 +152,5 @@ STAGE = Stage(
     params=("seed", "allocate"),
     deps=("calibrate",),
     code=("coalora/allocate.py", "coalora/space.py", "coalora/calibrate.py", "coalora/stages/allocate.py"),
-    description="budgeted integer programs: the initial pool (seen) and held-out (unseen) configs",
+    description="budgeted integer programs: the initial pool and the common unseen set",
 )

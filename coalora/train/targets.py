@@ -16,18 +16,20 @@ from coalora.errors import ArtifactError, UserError
 from coalora.space import Config, Layers
 
 FIELD = "train.target_bits"
+POOL, UNSEEN = "pool", "unseen"  # the allocate stage's folders
 
 
-def load_pool(allocate_dir: Path, layers: Layers) -> list[Config]:
-    """The pool configs of an allocate stage output, validated against the model's layers.
+def load_pool(allocate_dir: Path, layers: Layers, which: str = POOL) -> list[Config]:
+    """The pool (or, ``which="unseen"``, the unseen) configs of an allocate stage output, validated against
+    the model's layers, in (bits, id) order.
 
     Raises:
-        ArtifactError: the folder holds no pool config.
+        ArtifactError: the folder holds no config.
         UserError: a config file that does not fit the model (naming the file).
     """
-    paths = sorted((Path(allocate_dir) / "pool").glob("*.json"))
+    paths = sorted((Path(allocate_dir) / which).glob("*.json"))
     if not paths:
-        raise ArtifactError(f"{allocate_dir}/pool holds no configs; run `coalora stage allocate`")
+        raise ArtifactError(f"{allocate_dir}/{which} holds no configs; run `coalora stage allocate`")
     return sorted((Config.load(path, layers) for path in paths), key=lambda c: (c.bits, c.id))
 
 
