@@ -152,19 +152,21 @@ def test_proposals_are_deterministic_and_leave_the_global_generator_alone():
 # Rounds on the JSON state
 # ---------------------------------------------------------------------------------------------------------
 
-def run_rounds(mode: str, rounds: int = 3, **overrides) -> dict:
+def run_rounds(mode: str, rounds: int = 3, seed: int = 7, evaluate=synthetic_evaluate, **overrides) -> dict:
+    """Round 0, ``rounds`` proposal rounds, and the final measuring round, on a fixed f1."""
     p = search_params(q=3, n_candidates=24, n_segments=3, **overrides)
     state = new_state(tiny_pool())
-    for r in range(rounds + 1):
-        search_round(state, r, 10 * r, mode, synthetic_evaluate, LAYERS, p, k=2, seed=7)
+    for r in range(rounds + 2):
+        search_round(state, r, 10 * r, mode, evaluate, LAYERS, p, k=2, seed=seed, final=r == rounds + 1)
     return state
 
 
 def test_round_steps_and_too_many_rounds():
-    assert round_steps(16, 2) == [0, 8, 16]
-    assert round_steps(10, 3) == [0, 3, 6, 10]
-    with pytest.raises(UserError, match=r"search\.rounds: 5 rounds, but the joint run trains only 4 steps"):
-        round_steps(4, 5)
+    """R proposal rounds strictly inside the run, so steps follow each; the final round at the end."""
+    assert round_steps(16, 2) == [0, 5, 10, 16]
+    assert round_steps(10, 3) == [0, 2, 5, 7, 10]
+    with pytest.raises(UserError, match=r"search\.rounds: 5 proposal rounds need at least 6 training steps"):
+        round_steps(5, 5)
 
 
 @pytest.mark.parametrize("mode", ["ehvi", "random"])
@@ -173,7 +175,8 @@ def test_each_round_proposes_q_new_configs_and_rebuilds_the_segmented_pool(mode)
     json.dumps(state)  # the state is JSON (it lives in the checkpoint's state.json)
     ids = [e["id"] for e in state["seen"]]
     assert len(ids) == len(set(ids)) == 4 + 3 * 3
-    assert state["rounds"][0]["proposed"] == []  # round 0 only measures
+    assert state["rounds"][0]["proposed"] == [] == state["rounds"][-1]["proposed"]  # round 0, final: measure
+    assert state["rounds"][-1]["final"] and not any(r["final"] for r in state["rounds"][:-1])
     proposed = [i for r in state["rounds"][1:] for i in r["proposed"]]
     assert len(proposed) == 9 and not set(proposed) & {c.id for c in tiny_pool()}
     for e in state["seen"]:
@@ -193,8 +196,38 @@ def test_round_log_hypervolume_and_front_match_a_recomputation():
         assert r["hypervolume"] == pytest.approx(hypervolume(pts, [1.1, 1.1]))
         assert r["front"] == [p["id"] for p, keep in zip(r["pool"], non_dominated(pts)) if keep]
         assert r["hv_reference"] == [1.1, 1.1] and "f1_scale" in r["hv_normalisation"]
-    hvs = [r["hypervolume"] for r in state["rounds"]]
-    assert hvs[-1] >= hvs[0]  # f1 is fixed here, so adding configs can only grow the front
+
+
+def final_hv(mode: str, seed: int) -> float:
+    return run_rounds(mode, rounds=3, seed=seed)["rounds"][-1]["hypervolume"]
+
+
+def test_the_search_improves_the_pool_more_than_random_configs_or_none():
+    """On a synthetic loss where WHICH layers are coarse matters, over several seeds: the final pool's
+    hypervolume of the EHVI search beats that of random new configs, which beats the frozen pool."""
+    seeds = range(4)
+    hv = {mode: [final_hv(mode, s) for s in seeds] for mode in ("ehvi", "random", "none")}
+    assert len(set(hv["none"])) == 1  # no proposals: the initial pool, whatever the seed
+    assert all(r >= n for r, n in zip(hv["random"], hv["none"]))  # f1 fixed: new configs never shrink the front
+    assert np.mean(hv["ehvi"]) > np.mean(hv["random"]) > np.mean(hv["none"])
+    assert sum(e > r for e, r in zip(hv["ehvi"], hv["random"])) >= 3
+
+
+def test_held_out_configs_are_never_proposed():
+    """The common unseen set is excluded from the candidates: with every local move of the pool's lowest
+    config held out, none of them is ever proposed."""
+    from coalora.search.propose import NEIGHBOURS
+
+    pool = tiny_pool()
+    base = pool[0].spec_indices().tolist()
+    held = [Config.from_indices(base[:i] + [n] + base[i + 1:], LAYERS) for i in range(N_LAYERS)
+            for n in NEIGHBOURS[base[i]]]
+    p = search_params(q=4, n_candidates=64, n_segments=3)
+    state = new_state(pool, excluded=held)
+    for r in range(3):
+        search_round(state, r, r, "ehvi", synthetic_evaluate, LAYERS, p, k=2, seed=3)
+    proposed = {i for r in state["rounds"] for i in r["proposed"]}
+    assert len(proposed) == 8 and not proposed & {c.id for c in held}
 
 
 def test_frozen_keeps_the_initial_pool_and_still_measures():
@@ -234,27 +267,43 @@ def test_f1_is_re_measured_with_the_current_adapter_every_round(tmp_path):
     method = METHODS["coalora"]
     run = train_method(method, setup, tmp_path).runs[0]
     rounds = run.search["rounds"]
-    assert [r["step"] for r in rounds] == [0, 8, 16]
+    assert [r["step"] for r in rounds] == [0, 2, 5, 8]
     first = tiny_pool()[0].id
     f1_by_round = [next(m["f1"] for m in r["measured"] if m["id"] == first) for r in rounds]
-    assert f1_by_round[2] < f1_by_round[1] < f1_by_round[0]  # training lowers it, and each round sees that
+    assert f1_by_round[3] < f1_by_round[2] < f1_by_round[1] < f1_by_round[0]  # each round sees the training
     model = build_model(method, setup)
     model.load_adapter_state_dict(run.adapter)
     measured = {m["id"]: m["f1"] for m in rounds[-1]["measured"]}
     configs = [Config.from_indices(e["indices"], LAYERS) for e in run.search["seen"]]
     fresh = eval_losses(model, configs, setup.f1_batch, setup.params.batch_size)
     assert fresh == pytest.approx(measured, rel=1e-6)
-    assert all(r["proposed"] for r in rounds[1:])  # proposals every round after round 0
+    assert all(r["proposed"] for r in rounds[1:3]) and not rounds[3]["proposed"]  # proposal rounds, then final
+
+
+def test_proposals_are_trained_on_after_their_round(tmp_path):
+    """Every proposal round is followed by training steps, and proposals kept in the pool are drawn in them:
+    a config proposed in round r is seen (drawn), and its draws can only come after round r."""
+    run = train_method(METHODS["coalora"], tiny_setup(steps_per_config=24), tmp_path).runs[0]  # 24 steps
+    rounds = run.search["rounds"]
+    assert [r["step"] for r in rounds] == [0, 8, 16, 24]
+    for r in rounds[1:-1]:
+        assert r["step"] < run.steps and r["proposed"]
+        kept = [i for i in r["proposed"] if i in {p["id"] for p in r["pool"]}]
+        assert any(run.draws.get(i, 0) > 0 for i in kept), r["round"]
+    proposed = {i for r in rounds for i in r["proposed"]}
+    assert proposed & set(run.draws)  # trained on: a proposal the evaluation may call seen
 
 
 def test_search_does_not_disturb_the_training_stream(tmp_path):
-    """Round 0 (at step 0) draws nothing from the training generators: with one round at the end only, the
-    training losses equal those of coalora-frozen, whose rounds only measure."""
+    """Round 0 (at step 0) and the search draw nothing from the training generators: up to the first
+    proposal round, the losses equal those of coalora-frozen, whose rounds only measure."""
     setup = tiny_setup(search=search_params(rounds=1))
     coalora = train_method(METHODS["coalora"], setup, tmp_path / "c").runs[0]
     frozen = train_method(METHODS["coalora-frozen"], setup, tmp_path / "f").runs[0]
-    assert coalora.losses == frozen.losses
-    assert coalora.search["rounds"][-1]["proposed"] and not frozen.search["rounds"][-1]["proposed"]
+    first = coalora.search["rounds"][1]["step"]
+    assert 0 < first < coalora.steps
+    assert coalora.losses[:first] == frozen.losses[:first]
+    assert coalora.search["rounds"][1]["proposed"] and not frozen.search["rounds"][1]["proposed"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -62,10 +62,15 @@ def tiny_pool():
     return [config_from_rules(spec(b0), LAYERS, budget=float(b0)) for b0 in (2, 3, 4, 8)]
 
 
+def tiny_unseen():
+    """Two configs in none of the pools: coarser first-level scales (b1 = 4) at ~2.1 and ~3.1 bits."""
+    return [config_from_rules(spec(b0, 4), LAYERS, budget=float(b0)) for b0 in (2, 3)]
+
+
 def train_params(**overrides) -> TrainParams:
-    values = dict(methods=["coalora"], target_bits=[2.3, 4.3], k=2, steps_per_config=8, joint_steps=None,
+    values = dict(methods=["coalora"], target_bits=[2.3, 4.3], k=2, steps_per_config=8, joint_compute=1.0,
                   lr=0.01, grad_clip=1.0, batch_size=4, seq_len=32, dtype="float32", data="text",
-                  eval_sequences=4, checkpoint_every=3)
+                  eval_sequences=4, checkpoint_every=3, seed=None)
     return TrainParams(**{**values, **overrides})
 
 
@@ -75,7 +80,8 @@ def lora_params() -> LoraParams:
 
 
 def search_params(**overrides) -> SearchParams:
-    """Two rounds (at steps 8 and 16 of the 16-step joint run, after round 0), two proposals each."""
+    """Two proposal rounds (at steps 2 and 5 of coalora's 8-step joint run, after round 0; the final
+    measurement at 8), two proposals each."""
     values = dict(rounds=2, q=2, n_segments=3, n_candidates=16, mc_samples=8, f1_sequences=2,
                   hv_reference=[1.1, 1.1])
     return SearchParams(**{**values, **overrides})
@@ -129,9 +135,9 @@ def test_every_method_lowers_the_held_out_loss_and_spends_its_budget(name, tmp_p
     steps = [run.steps for run in result.runs]
     if method.runs == "per_config":
         assert steps == [8, 8] and [r.configs for r in result.runs] == [[c.id] for c in setup.targets]
-    elif method.runs == "joint":
-        assert steps == [16]  # steps_per_config × 2 targets
-        assert sum(result.runs[0].draws.values()) == 16 * method.k(setup.params)
+    elif method.runs == "joint":  # equal compute: the 8 × 2 config-steps of one per-config method, K per step
+        assert steps == [16 // method.k(setup.params)]
+        assert sum(result.runs[0].draws.values()) == 16 == method.config_steps(setup.params, 2)
     else:
         assert steps == [8] and result.runs[0].configs == [config_from_rules(
             QuantSpec(4, 8, "fp32", 64, 256), LAYERS).id]
@@ -142,11 +148,12 @@ def test_coalora_draws_from_the_pool_and_shared_from_the_targets(tmp_path):
     frozen = train_method(METHODS["coalora-frozen"], setup, tmp_path / "f").runs[0]
     coalora = train_method(METHODS["coalora"], setup, tmp_path / "c").runs[0]
     shared = train_method(METHODS["shared"], setup, tmp_path / "s").runs[0]
-    assert set(frozen.draws) == {c.id for c in setup.pool}  # 16 steps × 2 of 4 configs: all seen
-    # coalora draws from the pool of each round: the initial one, then the rebuilt one (proposals included)
+    assert set(frozen.draws) == {c.id for c in setup.pool}  # 8 steps × 2 of 4 configs: all seen
+    # coalora draws from the pool of each round: the initial one, then the rebuilt ones (proposals included)
     seen = [e["id"] for e in coalora.search["seen"]]
-    pools = [{p["id"] for p in r["pool"]} for r in coalora.search["rounds"]]  # after rounds 0, 1, 2
-    assert set(coalora.draws) <= set(seen) and set(coalora.draws) <= pools[0] | pools[1]
+    pools = [{p["id"] for p in r["pool"]} for r in coalora.search["rounds"]]  # after rounds 0, 1, 2, final
+    assert set(coalora.draws) <= set(seen) and set(coalora.draws) <= pools[0] | pools[1] | pools[2]
+    assert {c.id for c in setup.targets} <= pools[-1]  # the targets stay in the pool
     assert set(shared.draws) == {c.id for c in setup.targets}
     assert coalora.configs == shared.configs == [c.id for c in setup.targets]
 
@@ -163,8 +170,8 @@ def without_seconds(search: dict | None) -> dict | None:
 
 
 @pytest.mark.parametrize("name, kill_step, run_index, first_resumed", [
-    ("coalora", 10, 0, 10),        # checkpoint 9, after round 1 (step 8): resumes mid-segment
-    ("coalora-random", 8, 0, 7),   # killed before round 1 ran: back to checkpoint 6, round 1 redone
+    ("coalora", 7, 0, 7),          # checkpoint 6, after round 2 (step 5): resumes mid-segment
+    ("coalora-random", 5, 0, 4),   # killed before round 2 ran: back to checkpoint 3, round 2 redone
     ("lqlora", 5, 1, 4),
 ])
 def test_killed_method_resumes_to_identical_weights(name, kill_step, run_index, first_resumed, tmp_path):
@@ -187,7 +194,8 @@ def test_killed_method_resumes_to_identical_weights(name, kill_step, run_index, 
         assert a.losses == b.losses and a.eval_after == b.eval_after and a.eval_before == b.eval_before
         assert without_seconds(a.search) == without_seconds(b.search)
     if METHODS[name].has_pool:
-        assert len(straight.runs[0].search["rounds"]) == 3 and straight.runs[0].search["rounds"][2]["proposed"]
+        rounds = straight.runs[0].search["rounds"]
+        assert len(rounds) == 4 and rounds[2]["proposed"] and rounds[3]["final"] and not rounds[3]["proposed"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,7 +267,7 @@ def write_project(root: Path, repo_root: Path, **train) -> None:
     from coalora.params import deep_merge
 
     raw = deep_merge(raw, smoke)
-    raw["train"].update({"methods": ["coalora", "qlora"], "target_bits": [2.3, 4.3], "steps_per_config": 2,
+    raw["train"].update({"methods": ["coalora", "qlora"], "target_bits": [2.3, 4.3], "steps_per_config": 3,
                          "batch_size": 2, "seq_len": 16, "eval_sequences": 2, "checkpoint_every": 2, **train})
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     artifacts = root / "artifacts"
@@ -277,6 +285,8 @@ def write_project(root: Path, repo_root: Path, **train) -> None:
     write_json(artifacts / "base_model/base.json", {"source": "builtin", "path": "model", "revision": None})
     for config in tiny_pool():
         config.save(artifacts / "allocate/pool" / f"{config.id}.json")
+    for config in tiny_unseen():
+        config.save(artifacts / "allocate/unseen" / f"{config.id}.json")
     for stage in ("data", "base_model", "allocate"):
         write_json(artifacts / stage / MANIFEST, {"files": build_manifest(artifacts / stage)})
 
@@ -297,8 +307,11 @@ def test_train_stage_writes_adapters_records_and_equal_budgets(project, capsys):
     coalora, qlora = read_json(out / "coalora/train.json"), read_json(out / "qlora/train.json")
     assert (out / "coalora/adapter.safetensors").is_file()
     assert all((out / "qlora" / t / "adapter.safetensors").is_file() for t in targets)
-    assert qlora["steps_per_run"] == {t: 2 for t in targets}  # equal steps per configuration
-    assert coalora["steps"] == qlora["steps"] == 4 and coalora["k"] == 2
+    assert qlora["steps_per_run"] == {t: 3 for t in targets}  # equal steps per configuration
+    assert coalora["config_steps"] == qlora["config_steps"] == 6  # equal compute: 3 steps of K = 2, 6 of 1
+    assert coalora["steps"] == 3 and qlora["steps"] == 6 and coalora["k"] == 2
+    assert sorted(p.stem for p in (out / "coalora/configs").glob("*.json")) == sorted(coalora["config_draws"])
+    assert sorted(p.stem for p in (out / "qlora/configs").glob("*.json")) == sorted(targets)
     assert coalora["configs"] == qlora["configs"] == targets
     assert sorted(qlora["config_bits"]) == sorted(targets) and all(2 < b < 9 for b in qlora["config_bits"].values())
     assert (out / "coalora/loss.csv").read_text().splitlines()[0] == "step,run,loss"
@@ -312,14 +325,17 @@ def test_train_stage_writes_adapters_records_and_equal_budgets(project, capsys):
     assert not (project / "artifacts/.work/train").exists()  # checkpoints go once the output is in place
     # the search contract: the final pool as config files, the rounds in train.json and rounds.csv
     rounds = coalora["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1, 2] and [r["step"] for r in rounds] == [0, 2, 4]  # smoke: 2 rounds
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3] and [r["step"] for r in rounds] == [0, 1, 2, 3]
     pool_ids = sorted(p.stem for p in (out / "coalora/pool").glob("*.json"))
     assert pool_ids == sorted(p["id"] for p in rounds[-1]["pool"]) and "pool" not in qlora
-    assert all(len(r["proposed"]) == 2 for r in rounds[1:]) and set(rounds[-1]["front"]) <= set(pool_ids)
+    assert all(len(r["proposed"]) == 2 for r in rounds[1:3]) and rounds[3]["proposed"] == [] and rounds[3]["final"]
+    assert set(rounds[-1]["front"]) <= set(pool_ids)
+    unseen = {p.stem for p in (project / "artifacts/allocate/unseen").glob("*.json")}
+    assert not unseen & {i for r in rounds for i in r["proposed"]} and not unseen & set(coalora["config_draws"])
     assert {"round", "step", "pool", "front", "hypervolume", "hv_reference", "hv_normalisation", "proposed",
             "seconds"} <= set(rounds[0])
     csv_rows = (out / "coalora/rounds.csv").read_text().splitlines()
-    assert csv_rows[0] == "round,id,bits,f1,in_pool,on_front" and len(csv_rows) == 1 + 4 + 6 + 8
+    assert csv_rows[0] == "round,id,bits,f1,in_pool,on_front" and len(csv_rows) == 1 + 4 + 6 + 8 + 8
 
 
 def test_train_stage_on_instruction_data(tmp_path, repo_root):
@@ -328,7 +344,7 @@ def test_train_stage_on_instruction_data(tmp_path, repo_root):
     write_project(tmp_path, repo_root, data="instruct", methods=["shared"], seq_len=64)
     assert main(["--root", str(tmp_path), "stage", "train"]) == 0
     record = read_json(tmp_path / "artifacts/train/shared/train.json")
-    assert record["train"]["data"] == "instruct" and record["steps"] == 4
+    assert record["train"]["data"] == "instruct" and record["steps"] == 6
     assert all(0 < v < 20 for v in record["eval_loss_after"].values())
 
 
@@ -338,7 +354,8 @@ def test_train_stage_on_instruction_data(tmp_path, repo_root):
     ({"target_bits": [1.5, 3.0]}, "train.target_bits: Value error, [1.5] out of range"),
     ({"target_bits": [2.3, 8.5]}, "train.target_bits: [8.5] outside the pool's bits range"),
     ({"k": 7}, "train.k: 7 configs per step, but the pool holds only 4"),
-    ({"joint_steps": 1}, "search.rounds: 2 rounds, but the joint run trains only 1 steps"),
+    ({"joint_compute": 0.1}, "train.joint_compute: 0.1 × 3 steps × 2 targets gives coalora less than one step"),
+    ({"joint_compute": 0.5}, "search.rounds: 2 proposal rounds need at least 3 training steps"),
 ])
 def test_bad_train_input_exits_2_naming_the_field(tmp_path, repo_root, capsys, train, message):
     from coalora.cli import main

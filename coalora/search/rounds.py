@@ -1,17 +1,22 @@
 """Search rounds interleaved with training (METHOD.md §5), as pure functions of a JSON state.
 
-A joint run of S steps with ``search.rounds`` = R holds R + 1 rounds, at steps
+A joint run of S steps with ``search.rounds`` = R holds R + 2 rounds, at steps
 
-    s_0 = 0,   s_r = ⌊r·S/R⌋  (r = 1..R; the last at the end of training)
+    s_0 = 0,   s_r = ⌊r·S/(R + 1)⌋  (r = 1..R),   s_{R+1} = S
 
 Round r, with the model as trained up to s_r:
   1. re-measure f1 (held-out loss on the fixed ``f1`` slice) of EVERY seen config with the current adapter
      and θ (defect (b) of the reference: it measured once, untrained, and never again). Round 0 only
      measures: it fixes ``f1_scale`` = the worst f1 of the initial pool, the normaliser of every later HV.
-  2. (rounds ≥ 1, mode ``ehvi`` or ``random``) propose q NEW configs (``propose``), measure their f1;
-  3. (same modes) rebuild the pool: the segmented rule over all seen configs (U = ``n_segments`` equal
-     segments of bits over their WHOLE range, the non-dominated of each: ``coalora.pareto``);
+  2. (rounds 1..R, mode ``ehvi`` or ``random``) propose q NEW configs (``propose``), measure their f1. Never
+     proposed: a seen config, or one of the ``excluded`` (the common unseen set no method may draw);
+  3. (same rounds and modes) rebuild the pool: the segmented rule over all seen configs (U = ``n_segments``
+     equal segments of bits over their WHOLE range, the non-dominated of each: ``coalora.pareto``), plus the
+     ``keep`` configs (the targets every method is scored at) whatever the rule says;
   4. log the pool, its front and its hypervolume.
+The last round (R + 1, at the end of training) only measures: every proposal is made while there are
+steps left to train on it, so a config enters the pool only where it can still be drawn. Whether it was
+drawn is what training records (``Trainer.draws``), and that alone makes a config "seen" downstream.
 Mode ``none`` (coalora-frozen) keeps the initial pool and only measures, so its log is comparable.
 
 HV normalisation: points (bits/8, f1/f1_scale), reference ``search.hv_reference``; f1_scale is measured at
@@ -43,22 +48,34 @@ Evaluate = Callable[[list[Config]], dict[str, float]]  # configs → id → f1 u
 
 
 def round_steps(total_steps: int, rounds: int) -> list[int]:
-    """[s_0 = 0, s_1, …, s_R = total_steps] (module docstring).
+    """[s_0 = 0, s_1, …, s_R, s_{R+1} = total_steps] (module docstring).
 
     Raises:
         UserError: naming ``search.rounds`` when two rounds would fall on the same step.
     """
-    if rounds > total_steps:
-        raise UserError(f"search.rounds: {rounds} rounds, but the joint run trains only {total_steps} steps; "
-                        f"lower search.rounds or raise train.joint_steps")
-    return [0] + [r * total_steps // rounds for r in range(1, rounds + 1)]
+    if rounds + 1 > total_steps:
+        raise UserError(f"search.rounds: {rounds} proposal rounds need at least {rounds + 1} training steps "
+                        f"(each followed by steps that can train on its proposals), but the joint run trains only "
+                        f"{total_steps}; lower search.rounds or raise train.joint_compute")
+    return [0] + [r * total_steps // (rounds + 1) for r in range(1, rounds + 1)] + [total_steps]
 
 
-def new_state(pool: Sequence[Config]) -> dict:
-    """The JSON state before round 0: the initial pool, all seen, none measured."""
+def new_state(pool: Sequence[Config], keep: Sequence[Config] = (), excluded: Sequence[Config] = ()) -> dict:
+    """The JSON state before round 0: the initial pool, all seen, none measured.
+
+    Args:
+        pool: the initial pool.
+        keep: configs the pool always keeps (the targets); each must be in ``pool``.
+        excluded: configs never proposed (the common unseen set).
+    """
+    ids = {c.id for c in pool}
+    missing = [c.id for c in keep if c.id not in ids]
+    if missing:
+        raise ValueError(f"search: configs to keep {missing} are not in the initial pool")
     seen = [{"id": c.id, "indices": c.spec_indices().tolist(), "bits": c.bits, "f1": None, "round": 0}
             for c in pool]
-    return {"seen": seen, "pool": [c.id for c in pool], "f1_scale": None, "rounds": []}
+    return {"seen": seen, "pool": [c.id for c in pool], "keep": [c.id for c in keep],
+            "excluded": [c.spec_indices().tolist() for c in excluded], "f1_scale": None, "rounds": []}
 
 
 def configs_by_id(state: dict, layers: Layers) -> dict[str, Config]:
@@ -72,15 +89,14 @@ def pool_configs(state: dict, layers: Layers) -> list[Config]:
     return sorted((seen[i] for i in state["pool"]), key=lambda c: (c.bits, c.id))
 
 
-def rebuild_pool(seen: list[dict], n_segments: int, k: int) -> list[str]:
-    """Ids kept by the segmented rule over all seen; topped up by the lowest-f1 others when fewer than
-    ``k`` remain (a step draws k distinct configs), which happens only with very few segments."""
+def rebuild_pool(seen: list[dict], n_segments: int, k: int, keep: Sequence[str] = ()) -> list[str]:
+    """Ids kept by the segmented rule over all seen, plus ``keep``; topped up by the lowest-f1 others when
+    fewer than ``k`` remain (a step draws k distinct configs), which happens only with very few segments."""
     bits = [e["bits"] for e in seen]
     f1 = [e["f1"] for e in seen]
-    kept = segmented_pool(bits, f1, n_segments)
-    dropped = set(range(len(seen))) - set(kept)
-    rest = sorted(dropped, key=lambda i: (f1[i], bits[i]))
-    kept = kept + rest[:max(0, k - len(kept))]
+    kept = set(segmented_pool(bits, f1, n_segments)) | {i for i, e in enumerate(seen) if e["id"] in set(keep)}
+    rest = sorted(set(range(len(seen))) - kept, key=lambda i: (f1[i], bits[i]))
+    kept = list(kept) + rest[:max(0, k - len(kept))]
     return [seen[i]["id"] for i in sorted(kept, key=lambda i: (bits[i], seen[i]["id"]))]
 
 
@@ -104,12 +120,13 @@ def round_log(state: dict, r: int, step: int, proposed: list[str], reference: Se
 
 
 def search_round(state: dict, r: int, step: int, mode: str, evaluate: Evaluate, layers: Layers, p, k: int,
-                 seed: int) -> dict:
+                 seed: int, final: bool = False) -> dict:
     """Run round ``r`` at ``step`` (module docstring), updating ``state`` in place; returns its log entry.
 
     Args:
         p: ``SearchParams`` (q, n_segments, n_candidates, hv_reference, mc_samples).
         k: configs per training step (the pool never shrinks below it).
+        final: the round at the end of training: measure only.
     """
     if mode not in MODES:
         raise ValueError(f"search mode must be one of {MODES} (got {mode!r})")
@@ -121,10 +138,11 @@ def search_round(state: dict, r: int, step: int, mode: str, evaluate: Evaluate, 
         pool = set(state["pool"])
         state["f1_scale"] = max(e["f1"] for e in state["seen"] if e["id"] in pool)
     proposed: list[str] = []
-    if mode != "none" and r > 0:
+    if mode != "none" and r > 0 and not final:
         proposed = _propose_and_measure(state, r, mode, evaluate, layers, p, seed)
-        state["pool"] = rebuild_pool(state["seen"], p.n_segments, k)
+        state["pool"] = rebuild_pool(state["seen"], p.n_segments, k, state["keep"])
     entry = round_log(state, r, step, proposed, p.hv_reference, time.perf_counter() - started)
+    entry["final"] = final
     state["rounds"].append(entry)
     return entry
 
@@ -138,7 +156,7 @@ def _propose_and_measure(state: dict, r: int, mode: str, evaluate: Evaluate, lay
                          seed: int) -> list[str]:
     """Propose q new configs, measure them, append them to ``seen``; returns their ids."""
     rng = np.random.default_rng([seed, r])
-    seen_keys = {tuple(e["indices"]) for e in state["seen"]}
+    seen_keys = {tuple(e["indices"]) for e in state["seen"]} | {tuple(i) for i in state["excluded"]}
     pool_set = set(state["pool"])
     pool_indices = [e["indices"] for e in state["seen"] if e["id"] in pool_set]
     candidates = candidate_set(pool_indices, seen_keys, p.n_candidates, rng)

@@ -1,18 +1,23 @@
 """Stage ``train``: CoA-LoRA and the baselines, each trained for the same target configs (METHOD.md §4, §6).
 
-Reads the base model (``base_model``), the fine-tuning data (``data``) and the pool (``allocate``); for each
-method of ``train.methods`` (the table in ``coalora.train.methods``) writes
+Reads the base model (``base_model``), the fine-tuning data (``data``), the pool and the common unseen set
+(``allocate``; the search never proposes an unseen config); for each method of ``train.methods`` (the table
+in ``coalora.train.methods``) writes
 
-    <method>/adapter.safetensors              joint methods (coalora, shared): the one adapter (+ θ)
+    <method>/adapter.safetensors              joint methods (coalora family, shared): the one adapter (+ θ)
     <method>/<config id>/adapter.safetensors  per-config methods (qlora, lqlora, qlora-bnb): one per config
-    <method>/train.json                       steps, seconds, losses, configs, K, target bits, budget;
+    <method>/train.json                       steps, config-steps, seconds, losses, configs, K, target bits,
+                                              compute rule, ``config_draws`` (config id → steps trained under it:
+                                              a config is *seen* by a method iff it is drawn here);
                                               pool methods: ``rounds`` (per search round: step, pool with
                                               bits and f1, front, hypervolume and its reference, proposals)
+    <method>/configs/<config id>.json         every config the method drew (``Config.save`` files)
     <method>/pool/<config id>.json            pool methods (coalora, coalora-frozen, coalora-random): the
                                               FINAL pool, each a ``Config.save`` file
     <method>/rounds.csv                       pool methods: round, id, bits, f1, in_pool, on_front
     <method>/loss.csv                         step, run, loss (per-config runs follow each other)
-    targets.json                              the target set: id, bits, target bits
+    targets.json                              the target set (id, bits, target bits), pool and unseen sizes,
+                                              the training dtype and seed
     metrics.json                              flat: final loss, held-out loss before/after, seconds per method
 
 Adapter files are ``CoAModel.adapter_state_dict()`` (peft's format for qlora-bnb) with a JSON header
@@ -44,6 +49,7 @@ from coalora.stages.core import Stage, StageContext
 log = logging.getLogger("coalora.stages.train")
 
 ADAPTER = "adapter.safetensors"
+DRAWN = "configs"
 INPUTS = "inputs.json"
 METRICS = "metrics.json"
 
@@ -118,7 +124,7 @@ def check_rounds(params: Params, n_targets: int) -> None:
 def method_work(ctx: StageContext, params: Params, method: str) -> Path:
     """``ctx.work/<method>``, emptied first when its checkpoints were made from other inputs or params."""
     fingerprint = content_id({
-        "method": method, "seed": params.seed,
+        "method": method, "seed": params.train_seed,
         "sections": params.sections(("quant", "lora", "search")),
         "train": {k: v for k, v in params.sections(("train",))["train"].items() if k != "methods"},
         "inputs": {name: folder_digest(path) for name, path in sorted(ctx.inputs.items())},
@@ -139,6 +145,7 @@ def run(params: Params, ctx: StageContext) -> dict:
     from coalora.model.load import load_base
     from coalora.space import quantized_layers
     from coalora.train import METHODS, TrainSetup, load_pool, target_set, train_method
+    from coalora.train.targets import UNSEEN
 
     p = params.train
     base_dir = ctx.input("base_model")
@@ -146,17 +153,20 @@ def run(params: Params, ctx: StageContext) -> dict:
     layers = quantized_layers(base, params.quant.target_modules)
     del base
     pool = load_pool(ctx.input("allocate"), layers)
+    unseen = load_pool(ctx.input("allocate"), layers, UNSEEN)
     targets = target_set(pool, p.target_bits)
     check_k(params, len(pool))
     check_rounds(params, len(targets))
     if parallel.launched():
         parallel.check_batch_size(p.batch_size)
     batches, eval_batch = training_data(params, tokenizer, ctx.input("data"))
-    setup = TrainSetup(p, params.lora, params.seed, lambda: load_base(base_dir, p.dtype)[0], layers, pool,
+    setup = TrainSetup(p, params.lora, params.train_seed, lambda: load_base(base_dir, p.dtype)[0], layers, pool,
                        targets, batches, eval_batch, ctx.progress, search=params.search,
-                       f1_batch=f1_slice(params, tokenizer, ctx.input("data")))
+                       f1_batch=f1_slice(params, tokenizer, ctx.input("data")), unseen=unseen)
     target_rows = [{"id": c.id, "bits": c.bits, "target_bits": b} for c, b in zip(targets, p.target_bits)]
-    write_json(ctx.out / "targets.json", {"targets": target_rows, "pool": len(pool)})
+    write_json(ctx.out / "targets.json", {"targets": target_rows, "pool": len(pool), "unseen": len(unseen),
+                                          "dtype": p.dtype, "seed": params.train_seed,
+                                          "steps_per_config": p.steps_per_config})
     records = {}
     for name in p.methods:
         started = time.perf_counter()
@@ -189,17 +199,21 @@ def method_record(result, setup, target_rows: list[dict], wall: float) -> dict:
             draws[cid] = draws.get(cid, 0) + n
     return {
         "method": m.name, "description": m.description, "backend": m.backend, "confignet": m.confignet,
+        "runs_kind": m.runs,
         "init": m.init, "skipped": result.skipped,
         "k": m.k(p), "target_bits": p.target_bits, "targets": target_rows,
         "configs": [cid for r in runs for cid in r.configs],
         "config_bits": _config_bits(result, setup),
-        "budget": {"steps_per_config": p.steps_per_config, "joint_steps": m.steps(p, len(setup.targets))
-                   if m.runs == "joint" else None,
-                   "rule": "per-config methods: steps_per_config for each config; joint methods (coalora, "
-                           "shared): joint_steps in all (default steps_per_config x targets)"},
+        "compute": {"steps_per_config": p.steps_per_config, "joint_compute": p.joint_compute,
+                    "n_targets": len(setup.targets), "planned_config_steps": m.config_steps(p, len(setup.targets)),
+                    "rule": "config-step = one forward+backward of one configuration on one batch; per-config "
+                            "methods: steps_per_config for each target; joint methods (coalora family, shared): "
+                            "joint_compute x steps_per_config x targets config-steps, taken K per step"},
         "steps_per_run": {r.name: r.steps for r in runs},
         "config_draws": draws,
         "steps": sum(r.steps for r in runs),
+        "config_steps": sum(draws.values()),
+        "seed": setup.seed,
         "seconds": round(sum(r.seconds for r in runs), 3),
         "wall_seconds": round(wall, 3),
         "final_loss": _mean(r.final_loss for r in runs),
@@ -240,10 +254,30 @@ def write_method(folder: Path, result, setup, target_rows: list[dict], wall: flo
     writer.writerows((step, run, f"{loss:.6f}") for step, run, loss in rows)
     write_text_atomic(folder / "loss.csv", buffer.getvalue())
     record = method_record(result, setup, target_rows, wall)
+    write_drawn(folder, result, setup, record["config_draws"])
     if result.method.has_pool and result.runs:
         write_search(folder, result.runs[0].search, setup.layers, record)
     write_json(folder / "train.json", record)
     return record
+
+
+def write_drawn(folder: Path, result, setup, draws: dict[str, int]) -> None:
+    """``configs/<id>.json`` for every config the method drew at least once (its seen configs)."""
+    from coalora.search.rounds import configs_by_id
+
+    known = {c.id: c for c in [*setup.pool, *setup.targets]}
+    if result.method.runs == "uniform":
+        from coalora.train.bnb import uniform_config
+
+        known[uniform_config(setup.layers).id] = uniform_config(setup.layers)
+    for run in result.runs:
+        if run.search is not None:
+            known.update(configs_by_id(run.search, setup.layers))
+    missing = sorted(set(draws) - set(known))
+    if missing:  # a programming error: training drew a config nobody can name
+        raise AssertionError(f"{result.method.name} drew configs {missing[:3]} that are neither pool nor search configs")
+    for cid in sorted(draws):
+        known[cid].save(folder / DRAWN / f"{cid}.json")
 
 
 def write_search(folder: Path, state: dict, layers, record: dict) -> None:
@@ -285,7 +319,8 @@ def flat_metrics(records: dict[str, dict]) -> dict[str, float]:
         if r["skipped"]:
             metrics[f"{name}.skipped"] = 1
             continue
-        for key in ("final_loss", "eval_loss_before_mean", "eval_loss_after_mean", "seconds", "steps"):
+        for key in ("final_loss", "eval_loss_before_mean", "eval_loss_after_mean", "seconds", "steps",
+                    "config_steps"):
             metrics[f"{name}.{key}"] = round(r[key], 6) if isinstance(r[key], float) else r[key]
     return metrics
 
@@ -293,7 +328,8 @@ def flat_metrics(records: dict[str, dict]) -> dict[str, float]:
 def _brief(r: dict) -> dict:
     if r["skipped"]:
         return {"skipped": r["skipped"]}
-    return {"steps": r["steps"], "seconds": r["seconds"], "final_loss": round(r["final_loss"], 4),
+    return {"steps": r["steps"], "config_steps": r["config_steps"], "seconds": r["seconds"],
+            "final_loss": round(r["final_loss"], 4),
             "eval_loss_before": round(r["eval_loss_before_mean"], 4),
             "eval_loss_after": round(r["eval_loss_after_mean"], 4)}
 

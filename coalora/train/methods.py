@@ -14,9 +14,13 @@ The pool methods (sample from the pool) run search rounds (``coalora.search``): 
 configs by qLogNEHVI, ``random`` the same number of random new candidates (the paper's "random extension"
 ablation), ``none`` keeps the initial pool (the "frozen pool" ablation) and only re-measures its f1.
 
-Budget: a per-config run trains ``train.steps_per_config`` steps; a joint run (coalora, shared) trains
-``train.joint_steps`` steps, by default ``steps_per_config × len(targets)``: the cost of one per-config
-method over the whole target set (coalora's steps each run K forward/backward passes).
+Compute is counted in config-steps (one forward+backward of one configuration on one batch). A per-config
+run trains ``train.steps_per_config`` steps of one config each. A joint run (the coalora family, shared) gets
+
+    C_joint = ⌊joint_compute · steps_per_config · n_targets⌋ config-steps,  taken as ⌊C_joint / K⌋ steps of K
+
+so with ``joint_compute`` = 1 every joint method spends what ONE per-config method spends over the whole
+target set (the equal-compute default of the comparison).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from coalora.errors import UserError
 from coalora.params import TRAIN_METHODS, TrainParams
 
 
@@ -67,10 +72,24 @@ class Method:
         return p.k if self.k_from_params else 1
 
     def steps(self, p: TrainParams, n_targets: int) -> int:
-        """Steps of ONE run of this method (see the module docstring for the budget)."""
-        if self.runs == "joint":
-            return p.joint_steps if p.joint_steps is not None else p.steps_per_config * n_targets
-        return p.steps_per_config
+        """Steps of ONE run of this method (the module docstring's budget).
+
+        Raises:
+            UserError: naming ``train.joint_compute`` when a joint run would get no step at all.
+        """
+        if self.runs != "joint":
+            return p.steps_per_config
+        steps = int(p.joint_compute * p.steps_per_config * n_targets) // self.k(p)
+        if steps < 1:
+            raise UserError(f"train.joint_compute: {p.joint_compute} × {p.steps_per_config} steps × {n_targets} "
+                            f"targets gives {self.name} less than one step of K = {self.k(p)} configs; allowed: "
+                            f"at least {self.k(p) / (p.steps_per_config * n_targets):.4g}")
+        return steps
+
+    def config_steps(self, p: TrainParams, n_targets: int) -> int:
+        """Config-steps of the whole method: steps × configs per step, summed over its runs."""
+        runs = n_targets if self.runs == "per_config" else 1
+        return runs * self.steps(p, n_targets) * self.k(p)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (

@@ -59,6 +59,7 @@ class TrainSetup:
         progress: show progress bars.
         search: ``search`` of params.yaml (needed by the pool methods only).
         f1_batch: the fixed held-out slice f1 is measured on in search rounds, (n, T) tensors.
+        unseen: the common unseen set: the search never proposes these (no method may draw them).
     """
 
     params: TrainParams
@@ -73,6 +74,7 @@ class TrainSetup:
     progress: bool = True
     search: SearchParams | None = None
     f1_batch: dict[str, torch.Tensor] | None = None
+    unseen: list[Config] = field(default_factory=list)
 
 
 @dataclass
@@ -206,8 +208,8 @@ def train_run(model, method: Method, setup: TrainSetup, name: str, sample: list[
     else:
         trainer.extra = {**identity, "runs_done": sorted(p.parent.name for p in run_dir.parent.glob("*/final")),
                          "eval_before": eval_losses(model, scored, setup.eval_batch, chunk)}
-        if method.has_pool:
-            trainer.extra["search"] = new_state(sample)
+        if method.has_pool:  # the targets stay in the pool; the unseen set is never proposed
+            trainer.extra["search"] = new_state(sample, keep=setup.targets, excluded=setup.unseen)
     if method.has_pool:
         train_with_search(trainer, method, setup, on_step)
     else:
@@ -242,7 +244,8 @@ def train_with_search(trainer: Trainer, method: Method, setup: TrainSetup,
 
     for r in range(len(state["rounds"]), len(steps)):
         trainer.run(steps[r], pool_configs(state, setup.layers), on_step)
-        entry = search_round(state, r, steps[r], method.search, evaluate, setup.layers, setup.search, k, setup.seed)
+        entry = search_round(state, r, steps[r], method.search, evaluate, setup.layers, setup.search, k, setup.seed,
+                             final=r == len(steps) - 1)
         if parallel.launched():  # every rank computed the round; all go on with the main process's result
             state.update(parallel.broadcast(state))
             entry = state["rounds"][-1]
