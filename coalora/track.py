@@ -230,7 +230,8 @@ def metric_columns(rows: list[dict]) -> list[str]:
 def pareto_figure(rows: list[dict], metric: str, title: str = ""):
     """``metric`` vs bits, one colour and marker per method, each method's front drawn as a step line.
 
-    Held-out (unseen) configurations, when the table says so (``set``/``seen``), are hollow markers.
+    Held-out (unseen) configurations, when the table says so (``set``/``seen``), are hollow markers; reference
+    rows (full precision, at the weights' own bits) are left out of the bits axis.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
@@ -240,7 +241,7 @@ def pareto_figure(rows: list[dict], metric: str, title: str = ""):
     # small models) stay visible instead of hiding under the last one drawn.
     markers = "osD^vPX*<>"
     for index, method in enumerate(methods):
-        sel = [r for r in rows if str(r.get("method", "all")) == method
+        sel = [r for r in rows if str(r.get("method", "all")) == method and r.get("set") != "reference"
                and isinstance(r.get("bits"), float) and isinstance(r.get(metric), float)]
         if not sel:
             continue

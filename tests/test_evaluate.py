@@ -183,3 +183,57 @@ def test_run_benchmarks_offline_on_an_in_memory_model(tmp_path, tokenizer, monke
     # accuracy is a multiple of 1/n and deterministic
     assert limited == run_benchmarks(model, tokenizer, tmp_path / "data", ["winogrande"], limit=3, batch_size=4,
                                      seed=1, work_dir=tmp_path / "work3")
+    assert set(limited["winogrande"]["items"]) == {"acc", "acc_norm"} and len(limited["winogrande"]["items"]["acc"]) == 3
+    assert limited["winogrande"]["acc"] == pytest.approx(sum(limited["winogrande"]["items"]["acc"]) / 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Accuracy is scored right: stand-in models with a known preference, through our own task configs
+# ---------------------------------------------------------------------------------------------------------
+
+def gold_choice(task: str, doc: dict) -> int:
+    """The index of the right answer among the task's choices, from OUR reading of the file's schema:
+    BoolQ label 1 = "yes" (choices no, yes), ARC answerKey = a label in choices.label, WinoGrande answer
+    "1"/"2" = option1/option2. If the files meant otherwise, lm-eval would score the gold stand-in wrong."""
+    if task == "boolq":
+        return int(doc["label"])
+    if task.startswith("arc"):
+        return doc["choices"]["label"].index(doc["answerKey"])
+    return int(doc["answer"]) - 1
+
+
+def preferring_lm(prefer: str):
+    """An ``lm_eval`` LM that gives log-likelihood 0 to the choice it prefers and −10 to every other one:
+    ``gold`` prefers the right answer, ``first`` always the first choice."""
+    from lm_eval.api.model import LM
+
+    class Preferring(LM):
+        def loglikelihood(self, requests):
+            choices = [gold_choice(r.task_name, r.doc) if prefer == "gold" else 0 for r in requests]
+            return [(0.0 if r.idx == c else -10.0, r.idx == c) for r, c in zip(requests, choices)]
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+        def generate_until(self, requests):
+            raise NotImplementedError
+
+    return Preferring()
+
+
+@pytest.mark.parametrize("prefer", ["gold", "first"])
+def test_accuracy_of_a_model_with_a_known_preference_is_exact(tmp_path, prefer):
+    from coalora.evaluate.harness import Benchmarks
+
+    rows = write_fixture_data(tmp_path / "data")
+    bench = Benchmarks(tmp_path / "data", list(TASKS), limit=None, work_dir=tmp_path / "work")
+    results = bench.score_lm(preferring_lm(prefer), seed=1)
+    for task, scores in results.items():
+        docs = rows[task]
+        expected = [1 if prefer == "gold" else int(gold_choice(task, d) == 0) for d in docs]
+        assert scores["items"]["acc"] == expected, task
+        assert scores["acc"] == pytest.approx(sum(expected) / len(docs)), task
+        if task.startswith("arc"):
+            assert scores["items"]["acc_norm"] == expected, task
+    if prefer == "first":  # the fixture's answers are spread over the positions, so "first" is not all-right
+        assert 0 < results["boolq"]["acc"] < 1 and 0 < results["arc_easy"]["acc"] < 1

@@ -3,7 +3,6 @@ an exact reconstruction of every trained model, reproducible and resumable rows,
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -65,38 +64,64 @@ def metrics_only(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.endswith("seconds")}
 
 
-def test_plan_has_seen_and_unseen_rows_per_method(project):
+def folders(project: Path) -> dict[str, Path]:
+    return {name: project / "artifacts" / name for name in ("data", "base_model", "allocate", "train")}
+
+
+def test_plan_labels_rows_target_seen_unseen_and_reference(project):
+    """Every method and `none` at every target and at the one common unseen set; seen rows only where a
+    method drew other configs; full precision and qlora-bnb as reference rows."""
     from coalora.evaluate.plan import plan
 
     params = load_params(project)
-    jobs = plan(project / "artifacts/train", project / "artifacts/allocate", params.evaluate.budgets)
-    by_method = {m: [j for j in jobs if j.method == m] for m in METHODS}
-    heldout = {p.stem for p in (project / "artifacts/allocate/heldout").glob("*.json")}
-    pool = {p.stem for p in (project / "artifacts/allocate/pool").glob("*.json")}
+    jobs = plan(folders(project), params.evaluate.seen_budgets)
+    unseen = {p.stem for p in (project / "artifacts/allocate/unseen").glob("*.json")}
     targets = [t["id"] for t in read_json(project / "artifacts/train/targets.json")["targets"]]
-    unseen_sets = []
-    for method in METHODS[:4]:
-        seen = [j.config.id for j in by_method[method] if j.seen]
-        unseen = [j.config.id for j in by_method[method] if not j.seen]
-        assert set(seen) <= pool and set(unseen) <= heldout and unseen
-        assert len(seen) == len(set(seen)) and len(unseen) == len(set(unseen))
-        unseen_sets.append(set(unseen))
-        assert set(seen) == set(targets)  # smoke budgets 2.5, 4.0 pick exactly the train targets
-    assert all(s == unseen_sets[0] for s in unseen_sets)  # every method at the same unseen configs
-    qlora_unseen = [j for j in by_method["qlora"] if not j.seen]
+    assert len({j.id for j in jobs}) == len(jobs)
+    for method in ["none", *METHODS[:4]]:
+        mine = [j for j in jobs if j.method == method]
+        assert [j.config.id for j in mine if j.set == "target"] == targets
+        assert {j.config.id for j in mine if j.set == "unseen"} == unseen
+        assert all(j.layers_from_trained >= 1 for j in mine if j.set == "unseen")
+    draws = {m: read_json(project / "artifacts/train" / m / "train.json")["config_draws"] for m in METHODS}
+    for job in jobs:
+        if job.set == "seen":  # seen = drawn in training, and not a target
+            assert job.config.id in draws[job.method] and job.config.id not in targets
+        if job.set == "unseen":
+            assert all(job.config.id not in d for d in draws.values())
+    assert {j.method for j in jobs if j.set == "seen"} <= {"coalora"}  # per-config methods drew only targets
     bits = {c["id"]: c["bits"] for c in read_json(project / "artifacts/train/targets.json")["targets"]}
-    for job in qlora_unseen:  # served by the adapter of the nearest trained target
+    for job in (j for j in jobs if j.method == "qlora" and j.set == "unseen"):  # served by the nearest target
         nearest = min(bits, key=lambda cid: abs(bits[cid] - job.config.bits))
         assert job.adapter_config == nearest and job.adapter == f"qlora/{nearest}/adapter.safetensors"
-    (bnb,) = by_method["qlora-bnb"]
-    assert bnb.seen and abs(bnb.config.bits - 4.126953125) < 1e-9
-    assert len({j.id for j in jobs}) == len(jobs)
+    (bnb,) = [j for j in jobs if j.method == "qlora-bnb"]
+    assert bnb.set == "reference" and abs(bnb.config.bits - 4.126953125) < 1e-9
+    (full,) = [j for j in jobs if j.method == "full"]
+    assert full.set == "reference" and full.adapter is None
+    only_targets = plan(folders(project), params.evaluate.seen_budgets, ("target",))
+    assert {j.set for j in only_targets} == {"target", "reference"}
+
+
+def test_a_drawn_unseen_config_stops_the_evaluation_naming_the_method(project, tmp_path):
+    """The never-drawn assertion: if training records a draw of an unseen config, planning refuses."""
+    from coalora.errors import ArtifactError
+    from coalora.evaluate.plan import plan
+
+    train = tmp_path / "train"
+    shutil.copytree(project / "artifacts/train", train)
+    record = read_json(train / "shared/train.json")
+    leaked = sorted(p.stem for p in (project / "artifacts/allocate/unseen").glob("*.json"))[0]
+    record["config_draws"][leaked] = 1
+    write_json(train / "shared/train.json", record)
+    with pytest.raises(ArtifactError, match=f"shared drew unseen configs \\['{leaked}'\\]"):
+        plan({**folders(project), "train": train}, [])
 
 
 def test_rows_rebuild_each_trained_model_exactly_and_score_every_task(project):
-    """Seen rows: exp(row NLL) equals the train stage's held-out loss after training (same windows), so the
-    evaluated model is exactly the trained one: θ for coalora, the SVD residual for lqlora, peft + NF4 for
-    qlora-bnb. Accuracies come from lm-eval on the local fixture tasks."""
+    """Target rows: the row NLL equals the train stage's held-out loss after training (same windows), so the
+    evaluated model is exactly the trained one: θ for coalora (merged into the weights), the SVD residual for
+    lqlora, peft + NF4 for qlora-bnb; and the `none` row equals the untrained adapter's loss (B = 0).
+    Accuracies come from lm-eval on the local fixture tasks, with every item's result kept."""
     from coalora.stages.evaluate import jobs, run_job
 
     params = load_params(project)
@@ -105,15 +130,19 @@ def test_rows_rebuild_each_trained_model_exactly_and_score_every_task(project):
     seen = {}
     for job_id in ids:
         method, config_id = job_id.split("__")
-        if method not in seen:
+        if method not in seen and method not in ("full", "none"):
             seen[method] = job_id
     assert set(seen) == set(METHODS)
+    none = run_job(params, ctx, next(i for i in ids if i.startswith("none__")))
+    qlora = read_json(project / "artifacts/train/qlora/train.json")
+    assert none["set"] == "target" and none["nll"] == pytest.approx(qlora["eval_loss_before"][none["config_id"]],
+                                                                    abs=2e-4)
     n_items = {t: min(8, params.world.n_items) for t in TASKS}
     for method, job_id in seen.items():
         row = run_job(params, ctx, job_id)
         record = read_json(project / "artifacts/train" / method / "train.json")
         after = record["eval_loss_after"][row["config_id"]]
-        assert row["set"] == "seen"
+        assert row["set"] == ("reference" if method == "qlora-bnb" else "target")
         assert row["nll"] == pytest.approx(after, abs=2e-4), method
         assert row["ppl_protocol"] == "nonoverlap-L64-N4"
         assert set(row["tasks"]) == set(TASKS)
@@ -121,6 +150,10 @@ def test_rows_rebuild_each_trained_model_exactly_and_score_every_task(project):
             assert 0.0 <= scores["acc"] <= 1.0 and scores["n"] == n_items[task]
             assert (scores["acc"] * scores["n"]) == pytest.approx(round(scores["acc"] * scores["n"]))
         assert row["acc_mean"] == pytest.approx(sum(s["acc"] for s in row["tasks"].values()) / len(TASKS))
+        for task, scores in row["tasks"].items():
+            assert scores["acc"] == pytest.approx(sum(row["items"][task]["acc"]) / scores["n"])
+        assert len(row["items"]["ppl"]["window_nll"]) == 4 and row["items"]["ppl"]["tokens_per_window"] == 63
+        assert row["nll"] == pytest.approx(sum(row["items"]["ppl"]["window_nll"]) / (4 * 63))
         assert (ctx.work / "rows" / f"{job_id}.json").is_file()
 
 
@@ -156,9 +189,11 @@ def test_unknown_job_is_a_user_error(project):
         run_job(load_params(project), context(project), "nope__0000")
 
 
-def test_evaluate_and_report_stages_write_the_table_summary_and_plots(project):
+def test_evaluate_and_report_stages_write_the_table_items_claims_and_plots(project):
     import csv
 
+    from coalora.evaluate.claims import check_claims
+    from coalora.evaluate.items import read_items
     from coalora.stages import get_stage, run_stage
 
     params = load_params(project)
@@ -172,22 +207,29 @@ def test_evaluate_and_report_stages_write_the_table_summary_and_plots(project):
     assert [(r["method"], r["config_id"], r["set"]) for r in flat] == \
         [(r["method"], r["config_id"], r["set"]) for r in rows]
     assert {r["ppl_protocol"] for r in flat} == {"nonoverlap-L64-N4"}
-    assert {r["set"] for r in rows} == {"seen", "unseen"}
+    assert {r["set"] for r in rows} == {"target", "seen", "unseen", "reference"}
+    items, meta = read_items(out / "items.safetensors")
+    assert set(items) == {r["job"] for r in rows} and meta["tokens_per_window"] == 63
+    for r in rows:
+        assert items[r["job"]]["boolq"].mean() == pytest.approx(r["tasks"]["boolq"]["acc"])
     assert not (project / "artifacts/.work/evaluate").exists()  # rows are work files, gone after success
 
     run_stage(get_stage("report"), params, project, progress=False)
     report = project / "artifacts/report"
     s = read_json(report / "summary.json")
-    assert s["hv_definition"]["acc_mean"] == "points (bits/8, 1 - acc_mean), reference (1, 1), minimised"
+    assert s["hv_definition"]["acc_mean"].startswith("points (bits/8, 1 - acc_mean), reference (1, 1), minimised")
     assert "ln(ppl)/ln(1000)" in s["hv_definition"]["ppl"]
-    for method in METHODS:
-        hv = s["hv"][method]["acc_mean"]["all"]
-        assert 0 < hv < 1
-    assert s["gap_vs_qlora"]["qlora"] == {"gap": 0.0, "n": sum(r["method"] == "qlora" for r in rows)}
-    assert s["times"]["qlora"]["serve_k_seconds"] > s["times"]["qlora"]["train_seconds"]  # K = 6 > 2 runs
-    assert s["times"]["qlora-bnb"]["serve_k_seconds"] is None
+    for method in METHODS[:4]:
+        hv = s["hv"][method]["acc_mean"]
+        assert 0 < hv["value"] < 1 and hv["ci_low"] <= hv["ci_high"]
+    assert "qlora" not in s["gap"] and s["gap"]["coalora"]["configs"] == 2
+    assert s["compute"]["qlora"]["serve_config_steps"] == 6 * params.train.steps_per_config
+    assert s["compute"]["coalora"]["config_steps"] == s["compute"]["qlora"]["config_steps"]  # equal compute
+    claims = read_json(report / "claims.json")
+    check_claims(claims)
+    assert {c["claim"].split(")")[0] + ")" for c in claims} == {"(i)", "(ii)", "(iii)", "(v)"}
     text = (report / "report.md").read_text()
-    assert "nonoverlap-L64-N4" in text and s["hv_definition"]["acc_mean"] in text
+    assert "nonoverlap-L64-N4" in text and "## Claims" in text and claims[0]["claim"] in text
     for metric in ("acc_mean", "ppl", *TASKS):
         assert (report / "plots" / f"{metric}.png").read_bytes()[:4] == b"\x89PNG"
     with open(report / "dvc/coalora.csv") as handle:
@@ -195,66 +237,4 @@ def test_evaluate_and_report_stages_write_the_table_summary_and_plots(project):
     assert len(dvc_rows) == sum(r["method"] == "coalora" for r in rows)
     assert [float(r["bits"]) for r in dvc_rows] == sorted(float(r["bits"]) for r in dvc_rows)
     metrics = read_json(report / "metrics.json")
-    assert metrics["coalora.hv_acc_mean"] == s["hv"]["coalora"]["acc_mean"]["all"]
-
-
-def test_hypervolume_uses_the_params_reference_and_normalisation():
-    """HV of known rows under the report params: the definition is applied, not a hard-coded one."""
-    from coalora.evaluate.summary import hypervolumes
-    from coalora.params import HvParams
-
-    hv = HvParams.model_validate({"accuracy": {"bits_scale": 8.0, "reference": [1.0, 1.0]},
-                                  "perplexity": {"bits_scale": 4.0, "ppl_max": math.e ** 2,
-                                                 "reference": [2.0, 1.0]}})
-
-    def row(bits, acc, ppl, which="seen"):
-        return {"method": "m", "set": which, "bits": bits, "acc_mean": acc, "ppl": ppl}
-
-    rows = [row(2.0, 0.5, math.e), row(4.0, 0.75, 1.0, "unseen")]
-    out = hypervolumes(rows, ["acc_mean", "ppl"], hv)["m"]
-    # accuracy: points (0.25, 0.5), (0.5, 0.25), reference (1, 1) → 0.25·0.5 + 0.5·0.75 = 0.5
-    assert out["acc_mean"]["all"] == pytest.approx(0.5)
-    assert out["acc_mean"]["seen"] == pytest.approx(0.75 * 0.5)
-    # perplexity: points (0.5, ln e / 2 = 0.5), (1.0, 0) with reference (2, 1) → 0.5·0.5 + 1.0·1.0 = 1.25
-    assert out["ppl"]["all"] == pytest.approx(1.25)
-
-
-def test_gaps_match_configs_by_id():
-    from coalora.evaluate.summary import gap_vs, seen_unseen_gap
-
-    rows = [{"method": "qlora", "config_id": "a", "set": "seen", "acc_mean": 0.5, "nll": 1.0},
-            {"method": "qlora", "config_id": "b", "set": "unseen", "acc_mean": 0.4, "nll": 1.2},
-            {"method": "coalora", "config_id": "a", "set": "seen", "acc_mean": 0.6, "nll": 0.9},
-            {"method": "coalora", "config_id": "b", "set": "unseen", "acc_mean": 0.55, "nll": 1.0},
-            {"method": "coalora", "config_id": "c", "set": "seen", "acc_mean": 0.9, "nll": 0.5}]
-    gaps = gap_vs(rows, "qlora")
-    assert gaps["coalora"] == {"gap": pytest.approx(100 * (0.1 + 0.15) / 2), "n": 2}  # c has no qlora row
-    su = seen_unseen_gap(rows)
-    assert su["qlora"]["acc_gap"] == pytest.approx(10.0)
-    assert su["coalora"]["ppl_ratio"] == pytest.approx(math.exp(1.0 - 0.7))
-
-
-def test_a_searched_pool_defines_the_coalora_seen_set(project, tmp_path):
-    """With ``train/<method>/pool/`` (the search's final pool) a coalora-family method's seen rows come from
-    it; a held-out config the search put in the pool is seen for that method and unseen for the others."""
-    from coalora.evaluate.plan import plan
-
-    train = tmp_path / "train"
-    shutil.copytree(project / "artifacts/train", train)
-    allocate = project / "artifacts/allocate"
-    heldout = sorted(allocate.glob("heldout/*.json"))
-    pool_dir = train / "coalora/pool"
-    shutil.rmtree(pool_dir, ignore_errors=True)  # replace whatever pool the search left
-    pool_dir.mkdir()
-    keep = sorted(allocate.glob("pool/*.json"))[:1] + heldout[:1]
-    for path in keep:
-        shutil.copy(path, pool_dir / path.name)
-    budgets = load_params(project).evaluate.budgets
-    jobs = plan(train, allocate, budgets)
-    coalora = [j for j in jobs if j.method == "coalora"]
-    assert {j.config.id for j in coalora if j.seen} <= {p.stem for p in keep}
-    assert all(j.config.stage == "train" for j in coalora if j.seen)
-    moved = heldout[0].stem
-    assert moved not in {j.config.id for j in coalora if not j.seen}
-    qlora_unseen = {j.config.id for j in jobs if j.method == "qlora" and not j.seen}
-    assert qlora_unseen and all(j.config.stage == "allocate" for j in jobs if j.method == "qlora")
+    assert metrics["coalora.hv_acc_mean"] == s["hv"]["coalora"]["acc_mean"]["value"]

@@ -9,6 +9,7 @@ full-precision base, or later a quantized one) through lm-eval's Hugging Face wr
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -90,20 +91,30 @@ def chance_level(task: str, items: Sequence[dict]) -> float:
 
 _PATCH_LOCK = threading.Lock()
 _PATCH_STATE: dict = {"depth": 0, "saved": None}
+TEMPLATE_CACHE = 1024  # compiled prompt templates kept (a task has a handful; rows reuse them)
 
 
 @contextlib.contextmanager
-def _without_run_metadata() -> Iterator[None]:
-    """Skip what ``simple_evaluate`` adds to its results about the machine: ``add_env_info`` (torch's
-    collect_env, ~1.8 s per call, more than scoring a small model) and ``get_git_commit_hash`` (spawns git).
-    We read only the metrics; the task definitions and scoring are untouched. Reference-counted under a
-    lock, so rows scored in parallel threads restore lm-eval's functions exactly once, after the last."""
+def _lm_eval_patches() -> Iterator[None]:
+    """Two costs of ``simple_evaluate`` that are not scoring, removed for the block:
+
+    * the run metadata it adds about the machine: ``add_env_info`` (torch's collect_env, ~1.8 s per call,
+      more than scoring a small model) and ``get_git_commit_hash`` (spawns git); we read only the metrics;
+    * ``lm_eval.utils.apply_template`` compiles its Jinja prompt template anew for EVERY document and field
+      (``env.from_string``, ~2–5 ms each: tens of seconds per row at thousands of items); the compiled
+      template of a given source is the same object every time, so ``from_string`` is memoised by source.
+      Rendering, and so every prompt, is unchanged.
+
+    Task definitions and scoring are untouched. Reference-counted under a lock, so rows scored in parallel
+    threads restore lm-eval's functions exactly once, after the last."""
     import lm_eval.evaluator as evaluator
+    import lm_eval.utils as utils
 
     with _PATCH_LOCK:
         if _PATCH_STATE["depth"] == 0:
-            _PATCH_STATE["saved"] = evaluator.add_env_info, evaluator.get_git_commit_hash
+            _PATCH_STATE["saved"] = evaluator.add_env_info, evaluator.get_git_commit_hash, utils.env.from_string
             evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda storage: None), (lambda: None)
+            utils.env.from_string = functools.lru_cache(maxsize=TEMPLATE_CACHE)(utils.env.from_string)
         _PATCH_STATE["depth"] += 1
     try:
         yield
@@ -111,68 +122,116 @@ def _without_run_metadata() -> Iterator[None]:
         with _PATCH_LOCK:
             _PATCH_STATE["depth"] -= 1
             if _PATCH_STATE["depth"] == 0:
-                evaluator.add_env_info, evaluator.get_git_commit_hash = _PATCH_STATE["saved"]
+                evaluator.add_env_info, evaluator.get_git_commit_hash, from_string = _PATCH_STATE["saved"]
+                del utils.env.from_string  # the instance attribute; the class's method shows again
+                assert utils.env.from_string == from_string
+
+
+class Benchmarks:
+    """lm-eval's own task objects for a data folder's benchmark files: built once (YAMLs written, datasets
+    loaded, documents indexed), then scored on any number of in-memory models (one per evaluation row).
+
+    Args:
+        data_dir: the data stage output folder.
+        tasks: benchmark names (``TASKS``).
+        limit: the first ``limit`` items of each task (None: all).
+        work_dir: scratch folder for the generated task YAMLs and the datasets cache.
+    """
+
+    def __init__(self, data_dir: Path | str, tasks: Sequence[str], limit: int | None, work_dir: Path | str):
+        from lm_eval.tasks import TaskManager
+
+        self.data_dir, self.limit = Path(data_dir), limit
+        self.names = list(dict.fromkeys(tasks))
+        include_path = Path(work_dir) / "lm_eval_tasks"
+        shutil.rmtree(include_path, ignore_errors=True)     # no stale task files or datasets cache
+        write_task_configs(self.data_dir, include_path, self.names)
+        with _quiet(), _offline_datasets():
+            # our folder only: without a manager, simple_evaluate would index all ~14k built-in task YAMLs
+            self.manager = TaskManager(include_path=str(include_path), include_defaults=False)
+            loaded = self.manager.load(self.names)
+        self.tasks = [loaded["tasks"][name] for name in self.names]
+        self.chance = {t: round(chance_level(t, read_jsonl(layout.data_file(self.data_dir, t))[:limit]), 4)
+                       for t in self.names}
+
+    def score(self, model, tokenizer, batch_size: int, seed: int) -> dict[str, dict]:
+        """Zero-shot accuracy of ``model`` (a ``transformers`` causal LM on its device) through lm-eval's
+        Hugging Face wrapper ``HFLM`` (:meth:`score_lm`; the model's train/eval mode is restored)."""
+        from lm_eval.models.huggingface import HFLM
+
+        was_training = model.training
+        try:
+            return self.score_lm(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), seed)
+        finally:
+            model.train(was_training)
+
+    def score_lm(self, lm, seed: int) -> dict[str, dict]:
+        """Zero-shot accuracy of any ``lm_eval.api.model.LM`` on the tasks.
+
+        Args:
+            lm: the model as lm-eval sees it (``HFLM``, or a stand-in in tests).
+            seed: python/numpy/torch/fewshot seeds for lm-eval (the caller's torch RNG state is restored).
+
+        Returns:
+            task → ``{"acc", "acc_norm" (None when the task has none), "n", "chance", "items"}``; ``items``:
+            ``{"acc": [0|1 per item], "acc_norm": [...] or None}`` in document order (the per-item results a
+            paired bootstrap resamples).
+        """
+        import torch
+        from lm_eval import simple_evaluate
+
+        with _quiet(), _offline_datasets(), torch.random.fork_rng(devices=[]), _lm_eval_patches():
+            out = simple_evaluate(
+                model=lm, tasks=self.tasks, num_fewshot=0, limit=self.limit, bootstrap_iters=0,
+                log_samples=True, task_manager=self.manager, random_seed=seed, numpy_random_seed=seed,
+                torch_random_seed=seed, fewshot_random_seed=seed,
+            )
+        return {task: self._task_result(task, out) for task in self.names}
+
+    def _task_result(self, task: str, out: dict) -> dict:
+        metrics = out["results"][task]
+        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+        acc_norm = metrics.get("acc_norm,none")
+        items_norm = [int(s["acc_norm"]) for s in samples] if acc_norm is not None else None
+        return {
+            "acc": float(metrics["acc,none"]),
+            "acc_norm": None if acc_norm is None else float(acc_norm),
+            "n": len(samples),
+            "chance": self.chance[task],
+            "items": {"acc": [int(s["acc"]) for s in samples], "acc_norm": items_norm},
+        }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval's and datasets' loggers at ERROR for the block."""
+    quiet = [logging.getLogger(name) for name in ("lm_eval", "lm-eval", "datasets")]
+    levels = [logger.level for logger in quiet]
+    try:
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
+        yield
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _offline_datasets() -> Iterator[None]:
+    """The files are local; the one request ``datasets`` would still make is its download-count ping for the
+    packaged "json" builder (a HEAD to S3 unless HF_UPDATE_DOWNLOAD_COUNTS=0 was set before import)."""
+    import datasets.config
+
+    counts = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    try:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+        yield
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
 
 
 def run_benchmarks(model, tokenizer, data_dir: Path | str, tasks: Sequence[str], limit: int | None,
                    batch_size: int, seed: int, work_dir: Path | str) -> dict[str, dict]:
-    """Zero-shot accuracy of an in-memory model on the local benchmark files, through ``lm_eval``.
-
-    Args:
-        model: a ``transformers`` causal LM (any module HFLM accepts), already on its device.
-        tokenizer: its tokenizer.
-        data_dir: the data stage output folder.
-        tasks: benchmark names (``TASKS``).
-        limit: the first ``limit`` items of each task (None: all).
-        batch_size: sequences per forward pass.
-        seed: python/numpy/torch/fewshot seeds for lm-eval (the caller's torch RNG state is restored).
-        work_dir: scratch folder for the generated task YAMLs and the datasets cache.
-
-    Returns:
-        task → ``{"acc", "acc_norm" (None when the task has none), "n", "chance"}``.
-    """
-    import datasets.config
-    import torch
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    tasks = list(dict.fromkeys(tasks))
-    include_path = Path(work_dir) / "lm_eval_tasks"
-    shutil.rmtree(include_path, ignore_errors=True)     # no stale task files or datasets cache
-    write_task_configs(data_dir, include_path, tasks)
-    quiet = [logging.getLogger(name) for name in ("lm_eval", "lm-eval", "datasets")]
-    levels = [logger.level for logger in quiet]
-    was_training = model.training
-    # The files are local; the one request ``datasets`` would still make is its download-count ping for the
-    # packaged "json" builder (a HEAD to S3 unless HF_UPDATE_DOWNLOAD_COUNTS=0 was set before import).
-    counts = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
-    try:
-        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
-        for logger in quiet:
-            logger.setLevel(logging.ERROR)
-        with torch.random.fork_rng(devices=[]), _without_run_metadata():
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            out = simple_evaluate(
-                model=lm, tasks=tasks, num_fewshot=0, limit=limit, bootstrap_iters=0, log_samples=False,
-                task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            )
-    finally:
-        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
-        model.train(was_training)
-    results = {}
-    for task in tasks:
-        metrics = out["results"][task]
-        n = int(out["n-samples"][task]["effective"])
-        items = read_jsonl(layout.data_file(Path(data_dir), task))[:n]
-        acc_norm = metrics.get("acc_norm,none")
-        results[task] = {
-            "acc": float(metrics["acc,none"]),
-            "acc_norm": None if acc_norm is None else float(acc_norm),
-            "n": n,
-            "chance": round(chance_level(task, items), 4),
-        }
-    return results
+    """Zero-shot accuracy of one in-memory model on the local benchmark files (:class:`Benchmarks`, built
+    for this one call); task → ``{"acc", "acc_norm", "n", "chance", "items"}``."""
+    return Benchmarks(data_dir, tasks, limit, work_dir).score(model, tokenizer, batch_size, seed)

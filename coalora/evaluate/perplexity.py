@@ -64,7 +64,9 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int, max_windows
         batch_size: windows per forward pass.
 
     Returns:
-        ``{"protocol", "ppl", "nll" (mean per token, nats), "n_tokens", "n_windows"}``.
+        ``{"protocol", "ppl", "nll" (mean per token, nats), "n_tokens", "n_windows", "window_nll"}``;
+        ``window_nll`` (W,): each window's summed NLL over its T − 1 predicted tokens (the per-item results a
+        paired bootstrap resamples).
     """
     import torch
     import torch.nn.functional as F
@@ -73,24 +75,24 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int, max_windows
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total_nll, n_tokens = 0.0, 0
+    window_nll: list[float] = []
     try:
         with torch.no_grad():
             for start in range(0, len(windows), batch_size):
                 batch = windows[start:start + batch_size].to(device)        # (B, T)
                 logits = model(input_ids=batch).logits[:, :-1].float()      # (B, T-1, V)
                 targets = batch[:, 1:]                                      # (B, T-1)
-                nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                      reduction="sum")
-                total_nll += float(nll)
-                n_tokens += targets.numel()
+                nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
+                window_nll += nll.double().sum(1).tolist()
     finally:
         model.train(was_training)
-    mean_nll = total_nll / n_tokens
+    n_tokens = len(window_nll) * (seq_len - 1)
+    mean_nll = sum(window_nll) / n_tokens
     return {
         "protocol": protocol_name(seq_len, max_windows),
         "ppl": math.exp(mean_nll),
         "nll": mean_nll,
         "n_tokens": n_tokens,
         "n_windows": len(windows),
+        "window_nll": window_nll,
     }

@@ -1,22 +1,23 @@
-"""Which (method, config) rows the evaluation scores: seen and unseen configs at each budget.
+"""Which (method, config) rows the evaluation scores, and the checks that keep their labels honest.
 
-For a method m with seen set S_m (the configs it was trained for or drew from) and the held-out set H (the
-allocate stage's ``heldout/``, never in any pool), and each budget β of ``evaluate.budgets``:
+Row kinds (the ``set`` column) for the methods the train stage trained, plus the quantized base without an
+adapter (``none``) and full precision (``full``):
 
-    seen row    argmin_{c ∈ S_m}      |bits(c) − β|      (ties: the lower bits, then the id)
-    unseen row  argmin_{c ∈ H \\ S_m}  |bits(c) − β|
+    target     every target config (the train stage's ``targets.json``), for every method and ``none``
+    seen       a config the method drew in training other than the targets (``<method>/configs/``): for each
+               β of ``evaluate.seen_budgets`` the drawn non-target config nearest β (the coalora family's
+               pool; per-config methods and shared drew only the targets)
+    unseen     every config of the common unseen set (the allocate stage's ``unseen/``), for every method
+               and ``none``; no method ever drew one (:func:`check_never_drawn` asserts it)
+    reference  ``full`` (the base model unquantized, no adapter) and ``qlora-bnb`` (bitsandbytes NF4 at its
+               uniform config: the classic QLoRA as an outside reference point)
 
-Rows selected by two budgets are scored once. S_m by method (read from the train stage's output):
+A joint method serves every config with its one adapter; a per-config method serves a config with the
+adapter of its target nearest in bits (itself at a target). How far an unseen config is from training:
+``layers_from_trained``, the fewest layers in which it differs from any config any method drew.
 
-    coalora family (joint, with θ)   its final pool ``train/<m>/pool/*.json``; while no search wrote one,
-                                     the allocate stage's pool
-    shared (joint, no θ)             the configs it trained on (``train.json["configs"]``)
-    qlora, lqlora (per-config)       their trained target configs; an unseen config is served by the adapter
-                                     of the target nearest in bits
-    qlora-bnb (uniform)              its uniform NF4 config only: one seen row, no unseen rows
-
-Planning reads only small JSON files (train.json, config files' ``bits``), so it is cheap and the job ids
-``<method>__<config id>`` are stable for the same inputs.
+Planning reads only small JSON files, so it is cheap and the job ids ``<method>__<config id>`` are stable
+for the same inputs.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from coalora.artifacts import read_json
 from coalora.errors import ArtifactError
 
 ADAPTER = "adapter.safetensors"
+DRAWN = "configs"             # the train stage's <method>/configs/: every config the method drew
 SEP = "__"
-UNIFORM = "uniform"  # Candidate.stage of the qlora-bnb config (bitsandbytes NF4 on every layer)
+UNIFORM = "uniform"           # Candidate.stage of the qlora-bnb config (bitsandbytes NF4 on every layer)
+NONE, FULL = "none", "full"   # the reference models: quantized base without adapter; full precision
+SETS = ("target", "seen", "unseen", "reference")
 
 
 @dataclass(frozen=True)
@@ -43,25 +47,30 @@ class Candidate:
     path: str
 
 
+FULL_PRECISION = Candidate("full-precision", 16.0, FULL, "")  # bits: replaced by the model's dtype when scored
+
+
 @dataclass(frozen=True)
 class Job:
     """One row to score.
 
     Attributes:
-        method: the method name (a folder of the train stage's output).
-        config: the config to quantize with.
-        seen: whether the config is in the method's seen set S_m.
-        budgets: the budgets that selected it.
-        adapter: the adapter file, relative to the train stage's output.
-        adapter_config: for per-config methods, the trained config whose adapter serves this row.
+        method: a trained method's name, ``none`` or ``full``.
+        config: the config to quantize with (``FULL_PRECISION`` for ``full``).
+        set: the row kind (``SETS``).
+        budgets: for seen rows, the ``seen_budgets`` that selected it.
+        adapter: the adapter file relative to the train stage's output (None for ``none`` and ``full``).
+        adapter_config: for per-config methods, the target whose adapter serves this row.
+        layers_from_trained: unseen rows: the fewest layers in which the config differs from a drawn one.
     """
 
     method: str
     config: Candidate
-    seen: bool
-    budgets: tuple[float, ...]
-    adapter: str
-    adapter_config: str | None
+    set: str
+    budgets: tuple[float, ...] = ()
+    adapter: str | None = None
+    adapter_config: str | None = None
+    layers_from_trained: int | None = None
 
     @property
     def id(self) -> str:
@@ -82,99 +91,119 @@ def config_candidates(folder: Path, stage: str, rel: str) -> list[Candidate]:
     return out
 
 
-def nearest(candidates: Sequence[Candidate], budget: float) -> Candidate | None:
-    """The candidate nearest in bits to ``budget`` (ties: lower bits, then id); None when there is none."""
+def nearest(candidates: Sequence[Candidate], bits: float) -> Candidate | None:
+    """The candidate nearest in bits (ties: lower bits, then id); None when there is none."""
     if not candidates:
         return None
-    return min(candidates, key=lambda c: (abs(c.bits - budget), c.bits, c.id))
+    return min(candidates, key=lambda c: (abs(c.bits - bits), c.bits, c.id))
 
 
-def method_kind(method_dir: Path, record: dict) -> str:
-    """``joint`` (one adapter), ``uniform`` (qlora-bnb) or ``per_config`` (an adapter per trained config)."""
-    if (method_dir / ADAPTER).is_file():
-        return "joint"
-    if record.get("backend") == "bnb":
-        return "uniform"
-    return "per_config"
-
-
-def seen_set(train_dir: Path, allocate_dir: Path, method: str, record: dict, kind: str) -> list[Candidate]:
-    """S_m (module docstring)."""
-    if kind == "joint" and record.get("confignet"):
-        pool = Path(train_dir) / method / "pool"
-        if pool.is_dir():
-            return config_candidates(pool, "train", f"{method}/pool")
-        return config_candidates(Path(allocate_dir) / "pool", "allocate", "pool")
-    ids = list(record["configs"])
-    if kind == "uniform":  # no config file: rebuilt from the model's layers when scored
-        return [Candidate(cid, _uniform_bits(record, cid), UNIFORM, "") for cid in ids]
-    return _trained(allocate_dir, ids)
-
-
-def _uniform_bits(record: dict, config_id: str) -> float:
-    """The uniform config's bits: recorded by the train stage, else the bpp of QLoRA's spec (every layer)."""
-    recorded = (record.get("config_bits") or {}).get(config_id)
-    if recorded is not None:
-        return float(recorded)
-    from coalora.quant import QLORA_SPEC
-
-    return float(QLORA_SPEC.bits_per_param)
-
-
-def _trained(allocate_dir: Path, config_ids: Sequence[str]) -> list[Candidate]:
-    """The trained configs of a joint or per-config method as allocate pool files (targets are pool members)."""
-    pool = {c.id: c for c in config_candidates(Path(allocate_dir) / "pool", "allocate", "pool")}
-    missing = sorted(set(config_ids) - set(pool))
-    if missing:
-        raise ArtifactError(f"train stage configs {missing[:3]} are not in the allocate stage's pool; run "
-                            f"`coalora stage train` again")
-    return [pool[cid] for cid in config_ids]
-
-
-def method_jobs(train_dir: Path, allocate_dir: Path, method: str, budgets: Sequence[float],
-                heldout: Sequence[Candidate]) -> list[Job]:
-    """The rows of one method (empty when the train stage skipped it)."""
-    method_dir = Path(train_dir) / method
-    record = read_json(method_dir / "train.json")
-    if record.get("skipped"):
-        return []
-    kind = method_kind(method_dir, record)
-    seen = seen_set(train_dir, allocate_dir, method, record, kind)
-    if kind == "uniform":
-        unseen: list[Candidate] = []
-    else:
-        ids = {c.id for c in seen}
-        unseen = [c for c in heldout if c.id not in ids]
-    picked: dict[str, tuple[Candidate, bool, list[float]]] = {}
-    for budget in budgets:
-        for config, is_seen in ((nearest(seen, budget), True), (nearest(unseen, budget), False)):
-            if config is not None:
-                picked.setdefault(config.id, (config, is_seen, []))[2].append(budget)
-    jobs = []
-    for config, is_seen, chosen_by in picked.values():
-        adapter, adapter_config = _adapter(method, kind, seen, config)
-        jobs.append(Job(method, config, is_seen, tuple(chosen_by), adapter, adapter_config))
-    return sorted(jobs, key=lambda j: (not j.seen, j.config.bits, j.config.id))
-
-
-def _adapter(method: str, kind: str, seen: Sequence[Candidate], config: Candidate) -> tuple[str, str | None]:
-    if kind == "joint":
-        return f"{method}/{ADAPTER}", None
-    served_by = nearest(seen, config.bits)  # itself for a seen row
-    return f"{method}/{served_by.id}/{ADAPTER}", served_by.id
-
-
-def plan(train_dir: Path, allocate_dir: Path, budgets: Sequence[float]) -> list[Job]:
-    """Every row, methods in the train stage's order (``train.json`` folders), seen before unseen."""
-    train_dir = Path(train_dir)
-    heldout = config_candidates(Path(allocate_dir) / "heldout", "allocate", "heldout")
-    methods = trained_methods(train_dir)
-    return [job for method in methods for job in method_jobs(train_dir, allocate_dir, method, budgets, heldout)]
-
-
-def trained_methods(train_dir: Path) -> list[str]:
-    """The methods the train stage wrote: those of ``TRAIN_METHODS`` in its order, then any other by name."""
+def trained_methods(train_dir: Path) -> dict[str, dict]:
+    """method → its train.json, for the methods the train stage trained (skipped ones left out), in the
+    order of ``TRAIN_METHODS``, then any other by name."""
     from coalora.params import TRAIN_METHODS
 
     names = sorted(p.parent.name for p in Path(train_dir).glob("*/train.json"))
-    return [n for n in TRAIN_METHODS if n in names] + [n for n in names if n not in TRAIN_METHODS]
+    ordered = [n for n in TRAIN_METHODS if n in names] + [n for n in names if n not in TRAIN_METHODS]
+    records = {name: read_json(Path(train_dir) / name / "train.json") for name in ordered}
+    return {name: r for name, r in records.items() if not r.get("skipped")}
+
+
+def targets(train_dir: Path, allocate_dir: Path) -> list[Candidate]:
+    """The target configs, as allocate pool files, in target order."""
+    ids = [t["id"] for t in read_json(Path(train_dir) / "targets.json")["targets"]]
+    pool = {c.id: c for c in config_candidates(Path(allocate_dir) / "pool", "allocate", "pool")}
+    missing = [i for i in ids if i not in pool]
+    if missing:
+        raise ArtifactError(f"train stage targets {missing[:3]} are not in the allocate stage's pool; run "
+                            f"`coalora stage train` again")
+    return [pool[i] for i in ids]
+
+
+def check_never_drawn(records: dict[str, dict], unseen: Sequence[Candidate]) -> None:
+    """Assert that no method drew an unseen config (``config_draws`` of every train.json).
+
+    Raises:
+        ArtifactError: naming the method and the config; the comparison would call a trained config unseen.
+    """
+    ids = {c.id for c in unseen}
+    for method, record in records.items():
+        drawn = ids & set(record.get("config_draws", {}))
+        if drawn:
+            raise ArtifactError(f"evaluate: {method} drew unseen configs {sorted(drawn)[:3]} in training; the "
+                                f"unseen set must be held out of every method (run `coalora stage train` again)")
+
+
+def layers_apart(a: dict, b: dict) -> int:
+    """How many layers two config files (``Config.to_dict``) quantize differently."""
+    return sum(spec != b["layers"].get(name) for name, spec in a["layers"].items())
+
+
+def distances(folders: dict[str, Path], records: dict[str, dict], unseen: Sequence[Candidate]) -> dict[str, int]:
+    """unseen id → the fewest layers in which it differs from any config any method drew."""
+    drawn = [read_json(p) for m in records for p in sorted((folders["train"] / m / DRAWN).glob("*.json"))]
+    if not drawn:
+        raise ArtifactError(f"{folders['train']}: no method recorded the configs it drew ({DRAWN}/); run "
+                            f"`coalora stage train` again")
+    return {c.id: min(layers_apart(read_json(folders[c.stage] / c.path), d) for d in drawn) for c in unseen}
+
+
+def _adapter(method: str, record: dict, config: Candidate, served: Sequence[Candidate]) -> tuple[str, str | None]:
+    """(adapter file, the target serving the row) for a trained method."""
+    if record["runs_kind"] == "joint":
+        return f"{method}/{ADAPTER}", None
+    target = nearest(served, config.bits)  # itself at a target
+    return f"{method}/{target.id}/{ADAPTER}", target.id
+
+
+def seen_rows(folders: dict[str, Path], method: str, record: dict, targets: Sequence[Candidate],
+              seen_budgets: Sequence[float]) -> list[Job]:
+    """The method's seen rows: the drawn non-target config nearest each budget (budgets sharing one config
+    give one row)."""
+    target_ids = {t.id for t in targets}
+    drawn = [c for c in config_candidates(folders["train"] / method / DRAWN, "train", f"{method}/{DRAWN}")
+             if c.id not in target_ids]
+    picked: dict[str, tuple[Candidate, list[float]]] = {}
+    for budget in seen_budgets:
+        if (config := nearest(drawn, budget)) is not None:
+            picked.setdefault(config.id, (config, []))[1].append(budget)
+    return [Job(method, config, "seen", tuple(budgets), *_adapter(method, record, config, targets))
+            for config, budgets in picked.values()]
+
+
+def method_jobs(folders: dict[str, Path], method: str, record: dict, targets: Sequence[Candidate],
+                unseen: Sequence[Candidate], far: dict[str, int], seen_budgets: Sequence[float]) -> list[Job]:
+    """Every row of one trained method, targets first."""
+    if record["runs_kind"] == "uniform":
+        cid = record["configs"][0]
+        return [Job(method, Candidate(cid, float(record["config_bits"][cid]), UNIFORM, ""), "reference",
+                    adapter=f"{method}/{cid}/{ADAPTER}", adapter_config=cid)]
+    rows = [Job(method, t, "target", (), *_adapter(method, record, t, targets)) for t in targets]
+    rows += seen_rows(folders, method, record, targets, seen_budgets)
+    rows += [Job(method, u, "unseen", (), *_adapter(method, record, u, targets), layers_from_trained=far[u.id])
+             for u in unseen]
+    return rows
+
+
+def plan(folders: dict[str, Path], seen_budgets: Sequence[float], sets: Sequence[str] = SETS) -> list[Job]:
+    """Every row: ``full``, then ``none`` and each trained method (its targets, seen and unseen rows).
+
+    Args:
+        folders: stage name → output folder (``allocate``, ``train``).
+        seen_budgets: ``evaluate.seen_budgets``.
+        sets: the row kinds to keep (``evaluate.sets``; reference rows are always kept).
+
+    Raises:
+        ArtifactError: a method drew an unseen config, or an input is incomplete.
+    """
+    records = trained_methods(folders["train"])
+    target_list = targets(folders["train"], folders["allocate"])
+    unseen = config_candidates(folders["allocate"] / "unseen", "allocate", "unseen")
+    check_never_drawn(records, unseen)
+    far = distances(folders, records, unseen)
+    jobs = [Job(FULL, FULL_PRECISION, "reference")]
+    jobs += [Job(NONE, t, "target") for t in target_list]
+    jobs += [Job(NONE, u, "unseen", layers_from_trained=far[u.id]) for u in unseen]
+    for method, record in records.items():
+        jobs += method_jobs(folders, method, record, target_list, unseen, far, seen_budgets)
+    return [job for job in jobs if job.set in sets or job.set == "reference"]

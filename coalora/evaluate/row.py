@@ -1,17 +1,21 @@
 """Score one (method, config) row: the in-memory quantized model with the method's adapter, under ``eval``.
 
 For a row (``plan.Job``) the base model is loaded afresh (so a row never depends on which rows ran before it
-in the same process: rows can run in any order, or in parallel), wrapped as the method was trained:
+in the same process: rows can run in any order, or in parallel), and built as the method was trained:
 
     coa backend   CoAModel(base, θ if the adapter has one); LQ-LoRA (``init: svd``) quantizes the residual
-                  W − (α/r)·B₀·A₀ of the same seeded SVD init as in training; the adapter's A, B (and θ) are
-                  loaded; ``set_config(config)`` quantizes every layer and evaluates θ once
+                  W − (α/r)·B₀·A₀ of the same seeded SVD init as in training (the seed train.json records);
+                  the adapter's A, B (and θ) are loaded; ``set_config(config)`` quantizes every layer and
+                  evaluates θ once; then every layer is merged to W̃ + (α/r)·B·U·A (``CoAModel.merged``)
+    none          the quantized base without an adapter: a CoAModel with B = 0, merged (W' = W̃ exactly)
+    full          the base model as loaded (full precision)
     bnb backend   peft LoRA on bitsandbytes NF4 layers (the uniform config only)
 
 and scored on (1) perplexity of the C4-schema validation text under protocol ``eval.perplexity`` (its name
-is in every row), (2) zero-shot accuracy on ``eval.tasks`` through lm-eval's own task definitions on the local
-benchmark files (``harness.run_benchmarks``). Everything runs on one torch thread: the small default model is
-faster that way on a shared CPU, and the numbers do not depend on the thread count.
+is in every row), (2) zero-shot accuracy on ``eval.tasks`` through lm-eval's own task definitions on the
+local benchmark files (``harness.Benchmarks``). Each row keeps its per-item results (each item's
+correctness, each window's NLL) for the paired bootstrap of the report. Everything runs on one torch
+thread: the numbers do not depend on the thread count, and rows can be scored in parallel processes.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from typing import TYPE_CHECKING, Iterator
 
 from coalora.artifacts import read_json, read_jsonl
 from coalora.errors import ArtifactError
-from coalora.evaluate.plan import UNIFORM, Job
+from coalora.evaluate.plan import FULL, NONE, UNIFORM, Job
 
 if TYPE_CHECKING:  # pragma: no cover
+    from coalora.evaluate.harness import Benchmarks
     from coalora.params import EvalParams, LoraParams
+
+DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,8 @@ class RowInputs:
         eval: ``EvalParams`` (tasks, limit, batch_size, perplexity protocol).
         lora: ``LoraParams`` the adapters were trained with.
         target_modules: ``quant.target_modules``.
-        seed: ``seed`` (lm-eval's seeds; LQ-LoRA's SVD init).
+        seed: ``seed`` (lm-eval's seeds).
+        dtype: compute dtype of the rows without an adapter (``none``, ``full``): the training dtype.
     """
 
     folders: dict[str, Path]
@@ -48,6 +56,7 @@ class RowInputs:
     lora: "LoraParams"
     target_modules: tuple[str, ...]
     seed: int
+    dtype: str
 
 
 _THREADS_LOCK = threading.Lock()
@@ -90,87 +99,101 @@ def load_config(job: Job, inputs: RowInputs, layers):
     return config
 
 
-def quantized_model(job: Job, inputs: RowInputs):
-    """(HF causal LM with the adapter, quantized with the row's config; tokenizer; config; switch seconds).
+def _adapter(job: Job, inputs: RowInputs) -> tuple[dict, dict, dict]:
+    """(tensors, header, train.json record) of the row's adapter, checked against ``lora``."""
+    from coalora.model.coa import read_adapter
 
-    ``switch seconds``: quantizing every layer to the config (and evaluating θ): the cost of serving one
-    more configuration from a loaded model.
-    """
-    import torch
-
-    from coalora.model.coa import CoAModel, read_adapter
-    from coalora.model.load import load_base
-    from coalora.space import quantized_layers
-
-    train_dir = inputs.folders["train"]
-    path = train_dir / job.adapter
+    path = inputs.folders["train"] / job.adapter
     try:
         tensors, header = read_adapter(path)
     except ValueError as exc:
         raise ArtifactError(f"evaluate {job.id}: {exc}; run `coalora stage train` again") from None
-    record = read_json(train_dir / job.method / "train.json")
     if int(header.get("rank", inputs.lora.rank)) != inputs.lora.rank:
         raise ArtifactError(f"evaluate {job.id}: adapter rank {header.get('rank')} but lora.rank is "
                             f"{inputs.lora.rank}; run `coalora stage train` again")
+    return tensors, header, read_json(inputs.folders["train"] / job.method / "train.json")
+
+
+def quantized_model(job: Job, inputs: RowInputs):
+    """(HF causal LM for the row, tokenizer, config or None (``full``), switch seconds, bits).
+
+    ``switch seconds``: quantizing every layer to the config (and evaluating θ, merging the adapter): the
+    cost of serving one more configuration from a loaded model.
+    """
+    import torch
+
+    from coalora.model.coa import CoAModel
+    from coalora.model.load import load_base
+    from coalora.space import quantized_layers
+
     torch.manual_seed(inputs.seed)
-    base, tokenizer = load_base(inputs.folders["base_model"], header.get("dtype") or record["train"]["dtype"])
+    if job.method in (NONE, FULL):
+        tensors, header, record = {}, {}, {}
+        dtype = inputs.dtype
+    else:
+        tensors, header, record = _adapter(job, inputs)
+        dtype = header.get("dtype") or record["train"]["dtype"]
+    base, tokenizer = load_base(inputs.folders["base_model"], dtype)
+    if job.method == FULL:
+        return base.eval(), tokenizer, None, 0.0, float(DTYPE_BITS[dtype])
     layers = quantized_layers(base, inputs.target_modules)
     config = load_config(job, inputs, layers)
+    started = time.perf_counter()
     if header.get("format") == "peft":
         from coalora.train.bnb import BnbLoraModel
 
-        started = time.perf_counter()
         model = BnbLoraModel(base, layers, inputs.lora)  # quantizes to NF4 on construction
         model.set_config(config)
-        switch = time.perf_counter() - started
         model.load_adapter_state_dict(tensors)
-        return model.peft.get_base_model().eval(), tokenizer, config, switch
+        return model.peft.get_base_model().eval(), tokenizer, config, time.perf_counter() - started, config.bits
     coa = CoAModel(base, layers, inputs.lora, use_confignet=bool(header.get("use_confignet")))
+    coa.reset_lora(inputs.seed)  # B = 0: the `none` row is exactly the quantized base
     if record.get("init") == "svd":
-        coa.set_residual_base(coa.init_lqlora(inputs.seed))
-    try:
-        coa.load_adapter_state_dict(tensors)
-    except ValueError as exc:
-        raise ArtifactError(f"evaluate {job.id}: {path}: {exc}; run `coalora stage train` again") from None
-    started = time.perf_counter()
+        coa.set_residual_base(coa.init_lqlora(int(record["seed"])))
+    if tensors:
+        try:
+            coa.load_adapter_state_dict(tensors)
+        except ValueError as exc:
+            raise ArtifactError(f"evaluate {job.id}: {job.adapter}: {exc}; run `coalora stage train` "
+                                f"again") from None
     coa.set_config(config)
-    switch = time.perf_counter() - started
-    return coa.model.eval(), tokenizer, config, switch
+    model = coa.merged().eval()
+    return model, tokenizer, config, time.perf_counter() - started, config.bits
 
 
-def score_row(job: Job, inputs: RowInputs, work_dir: Path) -> dict:
+def score_row(job: Job, inputs: RowInputs, benchmarks: "Benchmarks") -> dict:
     """Score one row (module docstring).
 
-    Args:
-        job: the planned row.
-        inputs: stage folders and params.
-        work_dir: scratch folder of this row only (lm-eval's task YAMLs and datasets cache).
-
     Returns:
-        The row: identity (method, config id, seen/unseen, bits, budgets, adapter), ``ppl`` (+ ``nll``,
-        ``ppl_protocol``), per-task ``acc`` / ``acc_norm`` / ``n`` / ``chance``, ``acc_mean`` (the unweighted
-        mean accuracy over the tasks), and ``switch_seconds`` / ``eval_seconds``.
+        The row: identity (method, config id, set, bits, budgets, adapter, layers_from_trained), ``ppl`` (+
+        ``nll``, ``ppl_protocol``), per-task ``acc`` / ``acc_norm`` / ``n`` / ``chance``, ``acc_mean`` (the
+        unweighted mean accuracy over the tasks), ``switch_seconds`` / ``eval_seconds``, and ``items``:
+        ``{"<task>": {"acc": [...], "acc_norm": [...] | None}, "ppl": {"window_nll": [...],
+        "tokens_per_window": T − 1}}``.
     """
     from coalora.data import layout
-    from coalora.evaluate.harness import run_benchmarks
     from coalora.evaluate.perplexity import perplexity
 
     e = inputs.eval
-    data_dir = inputs.folders["data"]
     with one_torch_thread():
-        model, tokenizer, config, switch = quantized_model(job, inputs)
+        model, tokenizer, config, switch, bits = quantized_model(job, inputs)
         started = time.perf_counter()
-        texts = [row["text"] for row in read_jsonl(layout.data_file(data_dir, "c4_validation"))]
+        texts = [row["text"] for row in read_jsonl(layout.data_file(inputs.folders["data"], "c4_validation"))]
         ppl = perplexity(model, tokenizer, texts, e.perplexity.seq_len, e.perplexity.max_windows, e.batch_size)
-        bench = run_benchmarks(model, tokenizer, data_dir, e.tasks, e.limit, e.batch_size, inputs.seed, work_dir)
+        bench = benchmarks.score(model, tokenizer, e.batch_size, inputs.seed)
         seconds = time.perf_counter() - started
+    items = {task: scores.pop("items") for task, scores in bench.items()}
+    items["ppl"] = {"window_nll": ppl["window_nll"], "tokens_per_window": e.perplexity.seq_len - 1}
     return {
-        "job": job.id, "method": job.method, "config_id": config.id, "set": "seen" if job.seen else "unseen",
-        "bits": config.bits, "exact_bits": config.exact_bits, "budgets": list(job.budgets),
-        "adapter": job.adapter, "adapter_config": job.adapter_config,
+        "job": job.id, "method": job.method, "config_id": job.config.id, "set": job.set,
+        "bits": bits, "exact_bits": config.exact_bits if config is not None else bits,
+        "budgets": list(job.budgets), "adapter": job.adapter, "adapter_config": job.adapter_config,
+        "layers_from_trained": job.layers_from_trained,
+        "source": config.meta.get("source") if config is not None else None,
         "ppl": ppl["ppl"], "nll": ppl["nll"], "ppl_protocol": ppl["protocol"], "ppl_tokens": ppl["n_tokens"],
         "tasks": bench,
         "acc_mean": sum(b["acc"] for b in bench.values()) / len(bench),
         "limit": e.limit,
         "switch_seconds": round(switch, 4), "eval_seconds": round(seconds, 3),
+        "items": items,
     }

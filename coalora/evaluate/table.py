@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-ID_COLUMNS = ("method", "config_id", "set", "bits", "budgets", "adapter_config")
+ID_COLUMNS = ("method", "config_id", "set", "bits", "layers_from_trained", "budgets", "adapter_config")
 TAIL_COLUMNS = ("acc_mean", "ppl", "ppl_protocol", "switch_seconds", "eval_seconds")
 
 
@@ -36,6 +36,7 @@ def flat_row(row: dict, tasks: Sequence[str]) -> dict:
     """One row as a flat record (numbers rounded for reading; table.json keeps them whole)."""
     flat = {"method": row["method"], "config_id": row["config_id"], "set": row["set"],
             "bits": round(row["bits"], 4), "budgets": " ".join(f"{b:g}" for b in row["budgets"]),
+            "layers_from_trained": "" if row["layers_from_trained"] is None else row["layers_from_trained"],
             "adapter_config": row["adapter_config"] or ""}
     for task in tasks:
         scores = row["tasks"][task]
@@ -58,13 +59,14 @@ def metric_value(row: dict, metric: str) -> float:
 
 
 def method_means(rows: Sequence[dict]) -> dict[str, float]:
-    """``<method>.<seen|unseen|all>.acc_mean`` (mean accuracy) and ``.ppl`` (exp of the mean per-token NLL,
-    the geometric mean of the rows' perplexities), for ``dvc metrics show``."""
+    """``<method>.<set>.acc_mean`` (mean accuracy) and ``.ppl`` (exp of the mean per-token NLL, the geometric
+    mean of the rows' perplexities) per row kind (target, seen, unseen, reference), for ``dvc metrics show``."""
+    from coalora.evaluate.plan import SETS
+
     out: dict[str, float] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        for name, subset in (("seen", [r for r in mine if r["set"] == "seen"]),
-                             ("unseen", [r for r in mine if r["set"] == "unseen"]), ("all", mine)):
+        for name, subset in [(kind, [r for r in mine if r["set"] == kind]) for kind in SETS]:
             if subset:
                 out[f"{method}.{name}.acc_mean"] = round(sum(r["acc_mean"] for r in subset) / len(subset), 6)
                 out[f"{method}.{name}.ppl"] = round(math.exp(sum(r["nll"] for r in subset) / len(subset)), 6)

@@ -379,6 +379,27 @@ class CoAModel(nn.Module):
         self.update_u()
 
     @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """The HF model for inference at the current config, each CoALoRALinear replaced by a plain
+        ``nn.Linear`` with W' = W̃ + (α/r)·B·U·A (out, in) in the compute dtype: the same outputs up to float
+        rounding, without the LoRA path's extra matmuls. The CoAModel is consumed (its layers are replaced).
+        """
+        self._require_config()
+        for name in self.layer_names:
+            layer = self.layers[name]
+            a = layer.lora_A if layer.U is None else layer.U @ layer.lora_A  # (r, in)
+            w = layer.weight_q.float() + layer.scaling * (layer.lora_B @ a)  # (out, in)
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              device=w.device, dtype=layer.weight_q.dtype)
+            plain.weight.copy_(w)
+            if layer.bias is not None:
+                plain.bias.copy_(layer.bias)
+            plain.requires_grad_(False)
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, plain)
+        return self.model
+
+    @torch.no_grad()
     def reset_lora(self, seed: int) -> None:
         """Fresh A (uniform, drawn from ``seed`` layer by layer in model order) and B = 0; θ untouched."""
         generator = torch.Generator().manual_seed(seed)

@@ -51,7 +51,9 @@ def _evaluate(model, tokenizer, params: Params, ctx: StageContext, val_texts: li
     ppl = perplexity(model, tokenizer, val_texts, e.perplexity.seq_len, e.perplexity.max_windows, e.batch_size)
     bench = run_benchmarks(model, tokenizer, ctx.input("data"), e.tasks, e.limit, e.batch_size, params.seed,
                            ctx.work / "lm_eval")
-    return ppl, bench
+    # the summary keeps the headline figures; per-item results are the evaluate stage's (its `full` row)
+    ppl.pop("window_nll")
+    return ppl, {task: {k: v for k, v in scores.items() if k != "items"} for task, scores in bench.items()}
 
 
 def _builtin(params: Params, ctx: StageContext, data_dir: Path, val_texts: list[str]) -> tuple[dict, dict]:
@@ -65,6 +67,7 @@ def _builtin(params: Params, ctx: StageContext, data_dir: Path, val_texts: list[
     model = build_model(b, tokenizer, params.seed)
     untrained = perplexity(model, tokenizer, val_texts, e.perplexity.seq_len, e.perplexity.max_windows,
                            e.batch_size)
+    untrained.pop("window_nll")
     stats = pretrain(model, tokenizer, train_texts, b, params.seed, progress=ctx.progress)
     folder = ctx.out / MODEL_DIR
     model.save_pretrained(folder)

@@ -1,4 +1,5 @@
-"""Stage ``evaluate``: every method at seen and unseen configs (METHOD.md §7), one row per (method, config).
+"""Stage ``evaluate``: every method at the targets, its seen configs and the common unseen set, plus the
+reference rows (METHOD.md §7); one row per (method, config), with per-item results.
 
 The rows are independent jobs, so an orchestrator can fan them out (one Prefect task each):
 
@@ -10,14 +11,17 @@ The rows are independent jobs, so an orchestrator can fan them out (one Prefect 
 
 Writes
 
-    table.csv, table.json   one row per (method, config): bits, seen/unseen, perplexity (with its protocol),
-                            accuracy (and acc_norm) per task, mean accuracy, seconds
-    jobs.json               the plan: which config, adapter and budgets each row comes from
+    table.csv, table.json   one row per (method, config): set (target | seen | unseen | reference), bits,
+                            layers_from_trained (unseen rows), perplexity (with its protocol), accuracy (and
+                            acc_norm) per task, mean accuracy, seconds
+    items.safetensors       per-item results of every row (``coalora.evaluate.items``)
+    jobs.json               the plan: which config, adapter and set each row comes from
     metrics.json            flat means per method and set (``dvc metrics show``)
 
-Rows live in ``artifacts/.work/evaluate/rows/`` until the stage succeeds, so an interrupted evaluation
-resumes where it stopped. A row's key covers its job, the params that change its numbers and the digests of
-the input artifacts: a row made from other inputs is re-scored, never reused.
+Planning asserts that no method drew an unseen config. Rows live in ``artifacts/.work/evaluate/rows/`` until
+the stage succeeds, so an interrupted evaluation resumes where it stopped. A row's key covers its job, the
+params that change its numbers and the digests of the input artifacts: a row made from other inputs is
+re-scored, never reused.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from pathlib import Path
 
 from coalora.artifacts import content_id, folder_digest, read_json, write_json, write_text_atomic
@@ -33,6 +38,7 @@ from coalora.params import Params
 from coalora.stages.core import Stage, StageContext
 
 log = logging.getLogger("coalora.stages.evaluate")
+_WORKER: tuple | None = None  # (params, ctx, scorer) of a scoring process (``_worker_init``)
 
 DEPS = ("data", "base_model", "allocate", "train")
 ROWS = "rows"
@@ -43,7 +49,7 @@ TABLE = "table.csv"
 def _plan(params: Params, ctx: StageContext):
     from coalora.evaluate.plan import plan
 
-    return plan(ctx.input("train"), ctx.input("allocate"), params.evaluate.budgets)
+    return plan({name: ctx.input(name) for name in DEPS}, params.evaluate.seen_budgets, params.evaluate.sets)
 
 
 def jobs(params: Params, ctx: StageContext) -> list[str]:
@@ -68,36 +74,115 @@ def _intact(path: Path, key: str) -> dict | None:
     return saved.get("row") if isinstance(saved, dict) and saved.get("key") == key else None
 
 
-def run_job(params: Params, ctx: StageContext, job_id: str) -> dict:
-    """Score one row (or reuse its intact saved result); returns the row."""
-    from coalora.evaluate.row import RowInputs, score_row
+class _Scorer:
+    """Scores jobs in this process: lm-eval's task objects are built once, on first use, and reused."""
 
+    def __init__(self, params: Params, ctx: StageContext):
+        self.params, self.ctx, self._benchmarks = params, ctx, None
+
+    def __call__(self, job) -> dict:
+        from coalora.evaluate.harness import Benchmarks
+        from coalora.evaluate.row import RowInputs, score_row
+
+        p = self.params
+        if self._benchmarks is None:
+            self._benchmarks = Benchmarks(self.ctx.input("data"), p.eval.tasks, p.eval.limit,
+                                          self.ctx.work / "lm_eval")
+        dtype = read_json(self.ctx.input("train") / "targets.json")["dtype"]  # what the methods trained in
+        inputs = RowInputs({name: self.ctx.input(name) for name in DEPS}, p.eval, p.lora,
+                           tuple(p.quant.target_modules), p.seed, dtype)
+        return score_row(job, inputs, self._benchmarks)
+
+
+def run_job(params: Params, ctx: StageContext, job_id: str, scorer: _Scorer | None = None) -> dict:
+    """Score one row (or reuse its intact saved result); returns the row."""
     planned = {job.id: job for job in _plan(params, ctx)}
     if job_id not in planned:
         raise UserError(f"evaluate: unknown job {job_id!r}; planned: {', '.join(planned) or 'none'}")
-    job = planned[job_id]
+    return _score(params, ctx, planned[job_id], scorer or _Scorer(params, ctx))
+
+
+def _score(params: Params, ctx: StageContext, job, scorer: _Scorer) -> dict:
     key = row_key(params, ctx, job)
-    path = ctx.work / ROWS / f"{job_id}.json"
+    path = ctx.work / ROWS / f"{job.id}.json"
     if (row := _intact(path, key)) is not None:
         return row
-    inputs = RowInputs({name: ctx.input(name) for name in DEPS}, params.eval, params.lora,
-                       tuple(params.quant.target_modules), params.seed)
-    row = score_row(job, inputs, ctx.work / "lm_eval" / job_id)
+    row = scorer(job)
     write_json(path, {"key": key, "row": row})
-    log.info("evaluate %s: %.3f bits %s, ppl %.3f, acc %.4f (%.1f s)", job_id, row["bits"], row["set"],
+    log.info("evaluate %s: %.3f bits %s, ppl %.3f, acc %.4f (%.1f s)", job.id, row["bits"], row["set"],
              row["ppl"], row["acc_mean"], row["eval_seconds"])
     return row
 
 
+WORKERS_ENV = "COALORA_EVAL_WORKERS"
+
+
+def eval_workers(n_jobs: int) -> int:
+    """Processes scoring rows at once: ``$COALORA_EVAL_WORKERS``, else one per CPU core, at most ``n_jobs``.
+
+    Every row runs on one torch thread, loads its own model and is scored on its own, so its numbers do not
+    depend on how many run beside it: this is an execution setting, not a parameter of the results.
+    """
+    raw = os.environ.get(WORKERS_ENV)
+    try:
+        wanted = int(raw) if raw else (os.cpu_count() or 1)
+    except ValueError:
+        raise UserError(f"{WORKERS_ENV}: {raw!r} is not a whole number of processes") from None
+    if wanted < 1:
+        raise UserError(f"{WORKERS_ENV}: {wanted}; allowed: 1 or more processes")
+    return max(1, min(wanted, n_jobs))
+
+
+def _worker_init(params: dict, ctx: dict) -> None:
+    """A scoring process: params and context rebuilt from JSON-able values (nothing pickled but those)."""
+    global _WORKER
+    params_ = Params.model_validate(params)
+    context = StageContext(root=Path(ctx["root"]), out=Path(ctx["out"]), work=Path(ctx["work"]),
+                           inputs={k: Path(v) for k, v in ctx["inputs"].items()}, progress=False)
+    _WORKER = (params_, context, _Scorer(params_, context))
+
+
+def _worker_score(job_id: str) -> str:
+    params, ctx, scorer = _WORKER
+    job = {j.id: j for j in _plan(params, ctx)}[job_id]
+    row = _score(params, ctx, job, scorer)
+    return f"{job.id}: {row['bits']:.3f} bits {row['set']}, ppl {row['ppl']:.3f}, acc {row['acc_mean']:.4f}"
+
+
+def _score_in_processes(params: Params, ctx: StageContext, jobs: list, workers: int) -> None:
+    """Score ``jobs`` in ``workers`` spawned processes; each writes its rows into the work folder."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    state = {"root": str(ctx.root), "out": str(ctx.out), "work": str(ctx.work),
+             "inputs": {k: str(v) for k, v in ctx.inputs.items()}}
+    log.info("evaluate: %d rows on %d processes", len(jobs), workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(params.model_dump(mode="json"), state)) as pool:
+        for done, line in enumerate(pool.map(_worker_score, [job.id for job in jobs]), 1):
+            log.info("evaluate %d/%d %s", done, len(jobs), line)
+
+
 def run(params: Params, ctx: StageContext) -> dict:
-    """The stage: every row (reusing finished ones), then table.csv, table.json, jobs.json, metrics.json."""
+    """The stage: every row (reusing finished ones), then table.csv, table.json, items.safetensors,
+    jobs.json, metrics.json."""
+    from coalora.evaluate.items import FILE, write_items
     from coalora.evaluate.table import flat_columns, method_means
 
     planned = _plan(params, ctx)
-    rows = [run_job(params, ctx, job.id) for job in planned]
+    todo = [job for job in planned if _intact(ctx.work / ROWS / f"{job.id}.json", row_key(params, ctx, job)) is None]
+    workers = eval_workers(len(todo))
+    if workers > 1:
+        _score_in_processes(params, ctx, todo, workers)
+    scorer = _Scorer(params, ctx)
+    rows = [_score(params, ctx, job, scorer) for job in planned]  # finished rows are read back, not re-scored
+    write_items(ctx.out / FILE, rows, params.eval.tasks)
+    rows = [{k: v for k, v in row.items() if k != "items"} for row in rows]
     write_json(ctx.out / "jobs.json", [job.to_dict() for job in planned])
-    write_json(ctx.out / "table.json", {"tasks": list(params.eval.tasks), "budgets": params.evaluate.budgets,
-                                        "limit": params.eval.limit, "rows": rows})
+    write_json(ctx.out / "table.json", {"tasks": list(params.eval.tasks), "limit": params.eval.limit,
+                                        "seen_budgets": params.evaluate.seen_budgets,
+                                        "benchmarks": benchmark_names(ctx.input("data"), params.eval.tasks),
+                                        "rows": rows})
     write_text_atomic(ctx.out / TABLE, _csv(rows, params.eval.tasks))
     metrics = method_means(rows)
     write_json(ctx.out / METRICS, metrics)
@@ -106,6 +191,20 @@ def run(params: Params, ctx: StageContext) -> dict:
             "eval_seconds_per_row": round(sum(r["eval_seconds"] + r["switch_seconds"] for r in rows)
                                           / max(1, len(rows)), 3),
             "columns": flat_columns(params.eval.tasks)}
+
+
+NAMES = {"boolq": "BoolQ", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "winogrande": "WinoGrande"}
+
+
+def benchmark_names(data_dir: Path, tasks) -> dict[str, str]:
+    """task → what its items are, for the report: the data stage's own description when it gives one
+    (``benchmarks`` in its summary), else the task's name and the data source."""
+    summary = read_json(data_dir / "stage.json")["summary"]
+    given = summary.get("benchmarks") if isinstance(summary.get("benchmarks"), dict) else {}
+    source = summary.get("source", "?")
+    fallback = {"embedded": "{name}-format questions about the embedded world's facts"}.get(
+        source, "{name} (" + source + " data)")
+    return {t: given[t] if isinstance(given.get(t), str) else fallback.format(name=NAMES.get(t, t)) for t in tasks}
 
 
 def _csv(rows: list[dict], tasks) -> str:
@@ -124,8 +223,8 @@ STAGE = Stage(
     params=("seed", "quant", "lora", "eval", "evaluate"),
     deps=DEPS,
     code=("coalora/evaluate", "coalora/model", "coalora/quant", "coalora/space.py", "coalora/train/bnb.py",
-          "coalora/data/layout.py", "coalora/stages/evaluate.py"),
+          "coalora/data/layout.py", "coalora/stages/evaluate.py", "coalora/artifacts.py"),
     metrics=(METRICS,),
-    description="every method at seen and unseen configs: perplexity (named protocol) and lm-eval zero-shot "
-                "accuracy, one row per (method, config)",
+    description="every method and the quantized base at the targets, seen and unseen configs, and the reference "
+                "rows: perplexity (named protocol) and lm-eval zero-shot accuracy with per-item results",
 )
