@@ -1,9 +1,10 @@
 """The report: markdown tables, PNG plots of each metric vs bits, and the CSV files DVC plots.
 
-    plots/<metric>.png     metric vs average bits, one series per method (colour), seen rows filled markers,
-                           unseen rows hollow; the full-precision base model as a dotted line when known
+    plots/<metric>.png     metric vs average bits, one series per method (colour); target rows as filled
+                           circles, seen rows as filled squares, unseen rows hollow; full precision as a line
     dvc/<method>.csv       the method's rows (bits, set, every metric) for ``dvc plots show``
-    report.md              setup, summary per method (HV with its definition, gaps, times), the full table
+    report.md              setup, the claims table, compute, quantization damage and recovery, gaps, hypervolume,
+                           seen vs unseen (every difference with its interval), the unseen set, every row
 
 matplotlib is imported inside :func:`write_plots` with the Agg backend (no display needed).
 """
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import Sequence
 
 from coalora.artifacts import write_text_atomic
+from coalora.evaluate.plan import FULL, NONE
 from coalora.evaluate.table import metric_value
 
 DVC_DIR = "dvc"
 PLOTS_DIR = "plots"
 DVC_COLUMNS_HEAD = ("bits", "set", "config_id")
+MARKERS = {"target": ("o", True), "seen": ("s", True), "unseen": ("o", False), "reference": ("D", True)}
 
 
 def metric_label(metric: str, protocol: str | None = None) -> str:
@@ -57,37 +60,38 @@ def write_dvc_files(out: Path, rows: Sequence[dict], metrics: Sequence[str], met
     return written
 
 
-def write_plots(out: Path, rows: Sequence[dict], metrics: Sequence[str], base: dict | None = None) -> list[str]:
+def write_plots(out: Path, rows: Sequence[dict], metrics: Sequence[str]) -> list[str]:
     """``plots/<metric>.png`` for each metric (module docstring). Returns the paths, relative to ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    full = next((r for r in rows if r["method"] == FULL), None)
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != FULL]
     colours = plt.get_cmap("tab10")
     protocol = rows[0]["ppl_protocol"] if rows else None
     (out / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
     written = []
     for metric in metrics:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+        fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=100)
         for i, method in enumerate(methods):
             mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bits"])
-            colour = colours(i % 10)
+            colour = "black" if method == NONE else colours(i % 10)
             xs, ys = [r["bits"] for r in mine], [metric_value(r, metric) for r in mine]
-            ax.plot(xs, ys, color=colour, linewidth=1, alpha=0.5)
-            for which, face in (("seen", colour), ("unseen", "none")):
-                pts = [(x, y) for x, y, r in zip(xs, ys, mine) if r["set"] == which]
+            ax.plot(xs, ys, color=colour, linewidth=1, alpha=0.4, linestyle="--" if method == NONE else "-")
+            for kind, (marker, filled) in MARKERS.items():
+                pts = [(x, y) for x, y, r in zip(xs, ys, mine) if r["set"] == kind]
                 if pts:
-                    ax.scatter(*zip(*pts), s=36, facecolors=face, edgecolors=[colour],
-                               label=f"{method} ({which})")
-        if base is not None and base.get(metric) is not None:
-            ax.axhline(base[metric], color="grey", linestyle=":", label="full precision")
+                    ax.scatter(*zip(*pts), s=30, marker=marker, facecolors=colour if filled else "none",
+                               edgecolors=[colour], label=f"{method} ({kind})")
+        if full is not None:
+            ax.axhline(metric_value(full, metric), color="grey", linestyle=":", label="full precision")
         ax.set_xlabel("average bits per parameter")
         ax.set_ylabel(metric_label(metric, protocol))
-        ax.set_title(f"{metric_label(metric, protocol)} vs bits: filled = seen, hollow = unseen", fontsize=9)
+        ax.set_title(f"{metric_label(metric, protocol)} vs bits: ● target, ■ seen, ○ unseen", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=5.5, ncol=3)
         fig.tight_layout()
         rel = f"{PLOTS_DIR}/{metric}.png"
         # No timestamp in the PNG's metadata, so the same table gives the same file.
@@ -109,78 +113,123 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _ci(iv: dict | None, digits: int = 3) -> str:
+    """``value [low, high]``, bold when significant (the interval excludes the null value)."""
+    if iv is None:
+        return "–"
+    text = f"{iv['value']:.{digits}f} [{iv['ci_low']:.{digits}f}, {iv['ci_high']:.{digits}f}]"
+    return f"**{text}**" if iv.get("significant") else text
+
+
 def _table(header: Sequence[str], lines: Sequence[Sequence]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_fmt(v) for v in line) + " |" for line in lines]
     return "\n".join(out)
 
 
-def summary_table(summary: dict) -> str:
-    """One line per method: HV of mean accuracy and perplexity (all / seen / unseen), gaps, times."""
-    b = summary["baseline"]
-    k = next(iter(summary["times"].values()))["serve_k"] if summary["times"] else "K"
-    header = ["method", "HV acc_mean", "HV acc_mean seen", "HV acc_mean unseen", "HV ppl", "HV ppl seen",
-              "HV ppl unseen", f"acc gap vs {b} (pts)", "seen−unseen acc (pts)", "ppl unseen/seen",
-              "train s", f"serve K={k} s"]
+def claims_table(claims: Sequence[dict]) -> str:
+    lines = [[c["claim"], c["metric"], f"{c['ours']:.4g} [{c['ci_low']:.4g}, {c['ci_high']:.4g}]", c["paper"],
+              f"**{c['verdict']}**", c["rule"]] for c in claims]
+    return _table(["claim", "metric", "ours [95% CI]", "paper", "verdict", "rule"], lines)
+
+
+def compute_table(summary: dict) -> str:
+    k = next(iter(summary["compute"].values()))["serve_k"] if summary["compute"] else "K"
+    lines = [[m, c["kind"], c["config_steps"], c["steps"], c["seconds"], c["search_seconds"],
+              c["serve_config_steps"], c["serve_seconds"]] for m, c in summary["compute"].items()]
+    return _table(["method", "kind", "config-steps", "steps", "train s (incl. search)", "of which search s",
+                   f"serve K={k} config-steps", f"serve K={k} s"], lines)
+
+
+def damage_table(summary: dict) -> str:
+    lines = [[c[:12], d["set"], f"{d['bits']:.3f}", _ci(d["acc_points"], 2), _ci(d["ppl_ratio"])]
+             for c, d in summary.get("damage", {}).items()]
+    return _table(["config", "set", "bits", "accuracy lost vs full precision (pts)", "perplexity ratio none / full"],
+                  lines)
+
+
+def recovery_table(summary: dict) -> str:
     lines = []
-    for method, hv in summary["hv"].items():
-        t, su = summary["times"][method], summary["seen_unseen_gap"][method]
-        lines.append([method, hv["acc_mean"]["all"], hv["acc_mean"]["seen"], hv["acc_mean"]["unseen"],
-                      hv["ppl"]["all"], hv["ppl"]["seen"], hv["ppl"]["unseen"],
-                      summary[f"gap_vs_{b}"][method]["gap"], su["acc_gap"], su["ppl_ratio"],
-                      t["train_seconds"], t["serve_k_seconds"]])
-    return _table(header, lines)
+    for m, kinds in summary.get("recovery", {}).items():
+        t, u = kinds.get("target", {}), kinds.get("unseen", {})
+        lines.append([m, _ci(t.get("nll")), _ci(t.get("acc_mean")), _ci(u.get("nll")), _ci(u.get("acc_mean"))])
+    return _table(["method", "ppl recovery, targets", "acc recovery, targets", "ppl recovery, unseen",
+                   "acc recovery, unseen"], lines)
 
 
-def task_hv_table(summary: dict) -> str:
-    metrics = summary["metrics"]
-    lines = [[method] + [hv[m]["all"] for m in metrics] for method, hv in summary["hv"].items()]
-    return _table(["method"] + [f"HV {m}" for m in metrics], lines)
+def gap_table(summary: dict) -> str:
+    b = summary["baseline"]
+    lines = [[m, _ci(g["acc_points"], 2), _ci(g["ppl_ratio"]), g["configs"], _ci(summary["gap_all"].get(m), 2)]
+             for m, g in summary["gap"].items()]
+    return _table(["method", f"acc gap vs {b} at the targets (pts)", f"ppl ratio vs {b} at the targets",
+                   "targets", f"acc gap vs {b}, targets + unseen (pts)"], lines)
 
 
-def times_table(summary: dict) -> str:
-    lines = [[m, t["kind"], t["train_seconds"], t["search_seconds"], t["runs"], t["run_seconds"],
-              t["switch_seconds"], t["serve_k_seconds"], t["serve_rule"]] for m, t in summary["times"].items()]
-    return _table(["method", "kind", "train s (incl. search)", "of which search s", "runs", "s per run",
-                   "switch s (median)", "serve K s", "rule"], lines)
+def hv_table(summary: dict) -> str:
+    diff = summary.get("hv_vs_coalora", {})
+    lines = [[m, _ci(per["acc_mean"]), _ci(per["ppl"]), _ci(diff.get(m, {}).get("acc_mean")),
+              _ci(diff.get(m, {}).get("ppl"))] for m, per in summary["hv"].items()]
+    return _table(["method", "HV acc_mean", "HV ppl", "HV acc_mean: coalora − method", "HV ppl: coalora − method"],
+                  lines)
+
+
+def seen_unseen_table(summary: dict) -> str:
+    lines = [[m, _ci(s["acc_points"], 2), _ci(s["ppl_ratio"]), _ci(s["raw_acc_points"], 2)]
+             for m, s in summary["seen_unseen"].items()]
+    return _table(["method", "gain over none: drawn targets − unseen (pts)", "ppl ratio to none: unseen / targets",
+                   "raw mean acc: seen − unseen (pts)"], lines)
+
+
+def unseen_table(rows: Sequence[dict]) -> str:
+    lines = [[r["config_id"], r.get("source") or "–", f"{r['bits']:.3f}", r["layers_from_trained"]]
+             for r in rows if r["method"] == NONE and r["set"] == "unseen"]
+    return _table(["config", "source", "bits", "layers differing from the nearest drawn config"], lines)
 
 
 def rows_table(rows: Sequence[dict], tasks: Sequence[str]) -> str:
     header = ["method", "config", "set", "bits", *tasks, "acc_mean", "ppl"]
-    lines = [[r["method"], r["config_id"], r["set"], r["bits"], *[r["tasks"][t]["acc"] for t in tasks],
+    lines = [[r["method"], r["config_id"][:12], r["set"], r["bits"], *[r["tasks"][t]["acc"] for t in tasks],
               r["acc_mean"], r["ppl"]] for r in rows]
     return _table(header, lines)
 
 
-def _items(rows: Sequence[dict], tasks: Sequence[str]) -> dict[str, int | None]:
-    """Items scored per task (the same for every row: the first ``eval.limit``)."""
-    return {t: rows[0]["tasks"][t]["n"] if rows else None for t in tasks}
-
-
-def markdown(rows: Sequence[dict], tasks: Sequence[str], summary: dict, setup: dict, plots: Sequence[str],
-             base: dict | None = None) -> str:
-    """The whole report.md."""
+def _setup(rows: Sequence[dict], tasks: Sequence[str], summary: dict, table: dict, targets: dict) -> list[str]:
     protocol = ", ".join(sorted({r["ppl_protocol"] for r in rows})) or "–"
-    parts = [
-        "# coalora evaluation report",
-        "",
-        f"- rows: {len(rows)} (method × config); budgets {setup['budgets']}; per budget each method's nearest "
-        "seen config and the nearest held-out (unseen) config",
-        f"- perplexity protocol: **{protocol}** (C4-schema validation text)",
-        f"- zero-shot accuracy: lm-eval's own task definitions on the in-memory quantized model; the first "
-        f"{setup['limit'] if setup['limit'] is not None else 'all'} items of each task (items per task: "
-        f"{', '.join(f'{t} {n}' for t, n in _items(rows, tasks).items())})",
+    counts = {kind: sum(r["set"] == kind for r in rows) for kind in ("target", "seen", "unseen", "reference")}
+    n = {t: rows[0]["tasks"][t]["n"] for t in tasks} if rows else {}
+    names = table.get("benchmarks", {})
+    return [
+        f"- rows: {len(rows)} ({', '.join(f'{v} {k}' for k, v in counts.items())}); target configs at "
+        f"{[round(t['bits'], 3) for t in targets['targets']]} bits; every method and `none` (the quantized base "
+        f"without adapter) at every target and unseen config",
+        "- benchmarks (zero-shot, lm-eval's own task definitions on local files): "
+        + "; ".join(f"{t}: {names.get(t, t)}, {n.get(t)} items" for t in tasks),
+        f"- perplexity protocol: **{protocol}** (the validation text)",
+        f"- intervals: {summary['confidence']:.0%} paired bootstrap over items and windows, "
+        f"{summary['resamples']} resamples; **bold** = significant (excludes 0, or 1 for ratios)",
         "- hypervolume definitions (higher is better):",
         *[f"  - `{m}`: {d}" for m, d in summary["hv_definition"].items()],
-        f"- time to serve K = {setup['serve_k']} configurations: joint methods T_train + K·t_switch; per-config "
-        "methods K·(t_run + t_switch); t_switch = median time to quantize every layer to a config (and run θ)",
+        "- compute in config-steps (one forward+backward of one configuration on one batch); serving K "
+        "configurations: a joint method trains once, a per-config method K runs",
     ]
-    if base:
-        parts.append(f"- full-precision base model: mean accuracy {_fmt(base.get('acc_mean'))}, perplexity "
-                     f"{_fmt(base.get('ppl'))}")
-    parts += ["", "## Summary per method", "", summary_table(summary), "",
-              "## Hypervolume per metric (all rows)", "", task_hv_table(summary), "",
-              "## Time", "", times_table(summary), "", "## Plots", ""]
+
+
+def markdown(rows: Sequence[dict], tasks: Sequence[str], summary: dict, claims: Sequence[dict],
+             plots: Sequence[str], table: dict, targets: dict) -> str:
+    """The whole report.md."""
+    protocol = ", ".join(sorted({r["ppl_protocol"] for r in rows})) or "–"
+    parts = ["# coalora evaluation report", "", *_setup(rows, tasks, summary, table, targets), "",
+             "## Claims", "", claims_table(claims), "",
+             "## Compute", "", compute_table(summary), "",
+             "## Quantization damage (quantized base without adapter vs full precision)", "", damage_table(summary), "",
+             "## Recovery: share of that damage each adapter removes (1 = back to full precision; – where the "
+             "damage itself is not significant)", "",
+             recovery_table(summary), "",
+             f"## Gaps vs {summary['baseline']}", "", gap_table(summary), "",
+             "## Hypervolume (target + unseen configs, the same for every method)", "", hv_table(summary), "",
+             "## Seen vs unseen", "", seen_unseen_table(summary), "",
+             "## The unseen set", "", unseen_table(rows), "",
+             "## Plots", ""]
     parts += [f"![{Path(p).stem}]({p})" for p in plots]
     parts += ["", f"## Every row (perplexity: {protocol})", "", rows_table(rows, tasks), ""]
     return "\n".join(parts)

@@ -1,21 +1,23 @@
-"""Stage ``report``: summary metrics over the evaluation table, and the report (METHOD.md §7).
+"""Stage ``report``: summary statistics with intervals, the claims table, and the report (METHOD.md §7).
 
-Reads the evaluate stage's table, the train stage's times and the base model's scores; writes
+Reads the evaluate stage's table and per-item results, and the train stage's records; writes
 
-    summary.json      hypervolume per method and metric (all / seen / unseen) with its definition, accuracy
-                      gap vs qlora, seen-vs-unseen gap, training time and time to serve K configs
-    metrics.json      the same, flat, for ``dvc metrics show``
+    summary.json      every statistic of ``coalora.evaluate.summary`` with its paired bootstrap interval:
+                      hypervolume per method and metric (over the target + unseen configs, definition beside
+                      it), gaps vs ``report.baseline`` and coalora vs every method, quantization damage and
+                      recovery, seen vs unseen, compute (config-steps, seconds) and the cost to serve K configs
+    claims.json       the claims table (``coalora.evaluate.claims``): claim, metric, ours, ci_low, ci_high,
+                      paper, verdict
+    metrics.json      observed values, flat, for ``dvc metrics show``
     report.md         the tables and the plots below
-    plots/<m>.png     each metric vs bits, one series per method, seen / unseen marked
-    dvc/<method>.csv  per-method rows for ``dvc plots show`` (plot definitions: ``DVC_PLOTS``, in dvc.yaml)
+    plots/<m>.png     each metric vs bits, one series per method; target / seen / unseen markers
+    dvc/<method>.csv  per-method rows for ``dvc plots show`` (plot definitions: ``dvc_plots``, in dvc.yaml)
 
-A separate stage from ``evaluate`` so that changing ``report`` params (HV reference, K) re-runs in a second
-without re-scoring any row.
+A separate stage from ``evaluate`` so that changing ``report`` params (HV reference, K, margins, bootstrap)
+re-runs in seconds without re-scoring any row.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from coalora.artifacts import read_json, write_json, write_text_atomic
 from coalora.params import TRAIN_METHODS, Params
@@ -25,53 +27,43 @@ METRICS = "metrics.json"
 # Plots `dvc plots show` renders: metric vs bits, one series per method (one file each). Only metrics every
 # run has (the task list is a parameter); the PNGs in plots/ cover every task.
 DVC_METRICS = ("acc_mean", "ppl")
-
-
-def base_scores(base_dir: Path, rows: list[dict], tasks) -> dict | None:
-    """The full-precision base model's scores in the table's metric names, each only where it was measured
-    as the rows were (same perplexity protocol, same number of items per task); None when unavailable."""
-    path = Path(base_dir) / "metrics.json"
-    if not path.is_file() or not rows:
-        return None
-    m = read_json(path)
-    scores: dict = {}
-    for t in tasks:
-        same = m.get(f"{t}_n") == rows[0]["tasks"][t]["n"]
-        scores[t] = m.get(f"{t}_acc") if same else None
-        scores[f"{t}_norm"] = m.get(f"{t}_acc_norm") if same else None
-    accs = [scores[t] for t in tasks]
-    scores["acc_mean"] = sum(accs) / len(accs) if None not in accs else None
-    scores["ppl"] = m.get("ppl") if m.get("ppl_protocol") == rows[0]["ppl_protocol"] else None
-    return scores
+PLOT_METHODS = ("none", *TRAIN_METHODS)
 
 
 def run(params: Params, ctx: StageContext) -> dict:
-    """The stage function (module docstring); returns the flat metrics' headline numbers."""
+    """The stage function (module docstring); returns the claims' verdicts and the headline numbers."""
+    from coalora.evaluate.bootstrap import Resampler
+    from coalora.evaluate.claims import build_claims, check_claims
+    from coalora.evaluate.items import FILE, read_items
     from coalora.evaluate.report import markdown, write_dvc_files, write_plots
-    from coalora.evaluate.summary import flat_metrics, summarise
+    from coalora.evaluate.summary import Stats, flat_metrics, summarise
 
+    p = params.report
     table = read_json(ctx.input("evaluate") / "table.json")
     rows, tasks = table["rows"], table["tasks"]
-    summary = summarise(rows, tasks, ctx.input("train"), params.report)
-    base = base_scores(ctx.input("base_model"), rows, tasks)
+    items, meta = read_items(ctx.input("evaluate") / FILE)
+    stats = Stats(rows, Resampler(items, tasks, meta["tokens_per_window"], p.bootstrap.resamples, p.bootstrap.seed),
+                  p.bootstrap.confidence)
+    summary = summarise(stats, tasks, ctx.input("train"), p)
+    targets = read_json(ctx.input("train") / "targets.json")
+    claims = build_claims(summary, p.claims, p.serve_k, targets["steps_per_config"])
+    check_claims(claims)
     write_json(ctx.out / "summary.json", summary)
-    flat = flat_metrics(summary)
-    write_json(ctx.out / METRICS, flat)
-    methods = list(TRAIN_METHODS) + sorted({r["method"] for r in rows} - set(TRAIN_METHODS))
-    write_dvc_files(ctx.out, rows, summary["metrics"], methods)
-    plots = write_plots(ctx.out, rows, summary["metrics"], base)
-    setup = {"budgets": table["budgets"], "limit": table["limit"], "serve_k": params.report.serve_k}
-    write_text_atomic(ctx.out / "report.md", markdown(rows, tasks, summary, setup, plots, base))
+    write_json(ctx.out / "claims.json", claims)
+    write_json(ctx.out / METRICS, flat_metrics(summary))
+    write_dvc_files(ctx.out, rows, summary["metrics"], PLOT_METHODS)
+    plots = write_plots(ctx.out, rows, summary["metrics"])
+    write_text_atomic(ctx.out / "report.md", markdown(rows, tasks, summary, claims, plots, table, targets))
     return {"report": "report.md", "plots": plots,
-            "hv_acc_mean": {m: v["acc_mean"]["all"] for m, v in summary["hv"].items()},
-            "hv_definition": summary["hv_definition"]["acc_mean"]}
+            "claims": [{"claim": c["claim"], "verdict": c["verdict"]} for c in claims],
+            "hv_acc_mean": {m: v["acc_mean"]["value"] for m, v in summary["hv"].items()}}
 
 
 def dvc_plots() -> list[dict]:
     """Plot definitions for dvc.yaml: for each metric of ``DVC_METRICS``, y = that column of every
     ``dvc/<method>.csv`` (a series per method), x = bits, as a scatter. Paths relative to the output."""
     return [{f"{metric} vs bits": {"template": "scatter", "x": "bits",
-                                   "y": {f"dvc/{method}.csv": metric for method in TRAIN_METHODS},
+                                   "y": {f"dvc/{method}.csv": metric for method in PLOT_METHODS},
                                    "x_label": "average bits", "y_label": metric}}
             for metric in DVC_METRICS]
 
@@ -80,10 +72,10 @@ STAGE = Stage(
     name="report",
     fn=run,
     params=("report",),
-    deps=("base_model", "train", "evaluate"),
-    code=("coalora/evaluate", "coalora/pareto.py", "coalora/stages/report.py"),
+    deps=("train", "evaluate"),
+    code=("coalora/evaluate", "coalora/pareto.py", "coalora/artifacts.py", "coalora/stages/report.py"),
     metrics=(METRICS,),
-    plots=tuple(f"dvc/{method}.csv" for method in TRAIN_METHODS),
-    description="hypervolume, gaps vs qlora and seen-vs-unseen, training and serving time; report.md with plots",
+    plots=tuple(f"dvc/{method}.csv" for method in PLOT_METHODS),
+    description="statistics with paired bootstrap intervals, the claims table, report.md with plots",
     extra={"dvc_plots": dvc_plots()},
 )
