@@ -201,6 +201,18 @@ def cmd_dvc_yaml(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    params = _params(args)  # validate before anything is imported or written
+    from coalora.env import configure
+
+    configure(args.root)
+    from coalora.study import run_study, study_dir
+
+    run_study(Path(args.root), params, args.name)
+    print(f"report: {study_dir(Path(args.root), args.name) / 'report.md'}")
+    return 0
+
+
 def cmd_adapt(args) -> int:
     params = _params(args)  # validate before anything is imported or written
     if (args.budget is None) == (args.config is None):
@@ -267,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-url", default=None,
                        help="Prefect server API (default: PREFECT_API_URL, else http://127.0.0.1:4200/api)")
     serve.set_defaults(fn=cmd_serve)
+
+    study = sub.add_parser("study", help="a study beside the pipeline: compute (coalora at fractions of the "
+                                         "equal-compute budget) or seeds (every claim over training seeds)")
+    study.add_argument("name", choices=("compute", "seeds"))
+    study.set_defaults(fn=cmd_study)
 
     adapt = sub.add_parser("adapt", help="a quantized model + peft adapter (θ folded in) for a budget or config")
     adapt.add_argument("--budget", type=float, default=None, help="average bits over the quantized layers")
