@@ -76,6 +76,10 @@ class Resampler:
         self._denominator["ppl"] = len(any_row["ppl"]) * tokens_per_window
         self._items, self._cache = items, {}
 
+    def items_of_first_row(self) -> dict[str, np.ndarray]:
+        """One row's per-item arrays (every row has the same sizes): the items and windows resampled."""
+        return dict(next(iter(self._items.values())))
+
     def stat(self, job: str, metric: str) -> np.ndarray:
         """(B + 1,) resampled ``metric`` of a row: ``acc_mean``, ``nll``, ``<task>`` or ``<task>_norm``."""
         key = (job, metric)

@@ -133,6 +133,20 @@ def claims_table(claims: Sequence[dict]) -> str:
     return _table(["claim", "metric", "ours [95% CI]", "paper", "verdict", "rule"], lines)
 
 
+def power_lines(summary: dict) -> list[str]:
+    """What this evaluation can resolve (the goal: a paired accuracy gap to ±1.5 points, a 1% perplexity
+    difference), and what its rows cost."""
+    p = summary.get("power")
+    if p is None:
+        return []
+    items = ", ".join(f"{t} {n}" for t, n in p["items_per_task"].items())
+    return [f"Power: the {summary['confidence']:.0%} interval on the paired accuracy gap coalora − "
+            f"{summary['baseline']} at the targets is ±{p['acc_gap_half_width_points']:.2f} points (goal ≤ ±1.5), "
+            f"on its perplexity ratio ±{p['ppl_ratio_half_width_percent']:.2f}% (a 1% difference is resolved when "
+            f"this is below 1%); items per task ({items}); {p['rows']} rows at {p['row_seconds_mean']} s each "
+            f"(one process; scoring and switching).", ""]
+
+
 def compute_table(summary: dict) -> str:
     k = next(iter(summary["compute"].values()))["serve_k"] if summary["compute"] else "K"
     lines = [[m, c["kind"], c["config_steps"], c["steps"], c["seconds"], c["search_seconds"],
@@ -219,7 +233,7 @@ def markdown(rows: Sequence[dict], tasks: Sequence[str], summary: dict, claims: 
     """The whole report.md."""
     protocol = ", ".join(sorted({r["ppl_protocol"] for r in rows})) or "–"
     parts = ["# coalora evaluation report", "", *_setup(rows, tasks, summary, table, targets), "",
-             "## Claims", "", claims_table(claims), "",
+             "## Claims", "", claims_table(claims), "", *power_lines(summary),
              "## Compute", "", compute_table(summary), "",
              "## Quantization damage (quantized base without adapter vs full precision)", "", damage_table(summary), "",
              "## Recovery: share of that damage each adapter removes (1 = back to full precision; – where the "

@@ -271,7 +271,22 @@ def summarise(stats: Stats, tasks: Sequence[str], train_dir: Path, report) -> di
                                      "ppl_ratio": interval_of(stats, su["ppl_ratio"], 1.0),
                                      "raw_acc_points": interval_of(stats, su["raw_acc_points"])}
     out["compute"] = method_compute(train_dir, methods, stats.rows, report.serve_k)
+    out["power"] = power(out, stats)
     return out
+
+
+def power(summary: dict, stats: Stats) -> dict | None:
+    """How finely this evaluation resolves a difference: the half-widths of the intervals on coalora vs the
+    baseline at the targets (accuracy points; perplexity ratio, in %), and what the rows cost to score."""
+    target = summary.get("coalora_vs", {}).get(summary["baseline"], {}).get("target")
+    if target is None:
+        return None
+    acc, ppl = target["acc_points"], target["ppl_ratio"]
+    seconds = [r["eval_seconds"] + r["switch_seconds"] for r in stats.rows if "eval_seconds" in r]
+    return {"acc_gap_half_width_points": round((acc["ci_high"] - acc["ci_low"]) / 2, 4),
+            "ppl_ratio_half_width_percent": round(100 * (ppl["ci_high"] - ppl["ci_low"]) / 2, 4),
+            "items_per_task": {t: len(v) for t, v in stats.res.items_of_first_row().items()},
+            "rows": len(stats.rows), "row_seconds_mean": round(sum(seconds) / len(seconds), 3) if seconds else None}
 
 
 def flat_metrics(summary: dict) -> dict[str, float | int | str | None]:

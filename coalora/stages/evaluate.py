@@ -115,10 +115,12 @@ def _score(params: Params, ctx: StageContext, job, scorer: _Scorer) -> dict:
 
 
 WORKERS_ENV = "COALORA_EVAL_WORKERS"
+ROWS_PER_WORKER = 8  # a scoring process costs seconds to start (imports, lm-eval tasks): only for enough rows
 
 
 def eval_workers(n_jobs: int) -> int:
-    """Processes scoring rows at once: ``$COALORA_EVAL_WORKERS``, else one per CPU core, at most ``n_jobs``.
+    """Processes scoring rows at once: ``$COALORA_EVAL_WORKERS``, else one per CPU core; at most one per
+    ``ROWS_PER_WORKER`` rows (one process, the stage's own, below that).
 
     Every row runs on one torch thread, loads its own model and is scored on its own, so its numbers do not
     depend on how many run beside it: this is an execution setting, not a parameter of the results.
@@ -130,7 +132,7 @@ def eval_workers(n_jobs: int) -> int:
         raise UserError(f"{WORKERS_ENV}: {raw!r} is not a whole number of processes") from None
     if wanted < 1:
         raise UserError(f"{WORKERS_ENV}: {wanted}; allowed: 1 or more processes")
-    return max(1, min(wanted, n_jobs))
+    return max(1, min(wanted, n_jobs // ROWS_PER_WORKER))
 
 
 def _worker_init(params: dict, ctx: dict) -> None:
