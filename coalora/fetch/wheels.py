@@ -16,9 +16,11 @@ from coalora.fetch.pins import PIP_TARGET, Wheel
 
 def _pip_failure(pin: Wheel, stderr: str) -> str:
     """The lines of pip's stderr that say why (pip prints a warning per ignored index location first)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip() and "is ignored" not in line]
+    lines = [line.strip()[:240] for line in stderr.splitlines() if line.strip() and "is ignored" not in line]
     errors = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
-    why = " / ".join(errors) or "no output"
+    network = [line for line in lines if any(word in line for word in
+                                             ("Connection", "connection", "Could not fetch URL", "resolution"))]
+    why = " / ".join(network[:1] + errors) or "no output"
     return (f"coalora fetch: pip could not download {pin.requirement}: {why}. The package registry (PyPI, or the "
             f"index pip is configured for) must be reachable: check `pip config list`, a proxy "
             f"(HTTPS_PROXY) or PIP_INDEX_URL")
