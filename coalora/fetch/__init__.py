@@ -29,7 +29,8 @@ Downloader = Callable[[Wheel, Path], Path]
 
 
 def _clear_leftovers(cache: Path) -> None:
-    """Temporary folders of a fetch that was killed (SIGKILL, power cut) before it could clean up."""
+    """Temporary folders of a fetch that was killed (SIGKILL, power cut) before it could clean up. (So two
+    fetches must not run on one cache at the same time: the second would remove the first one's.)"""
     for parent in (cache, cache / "assets", cache / "models"):
         for leftover in list(parent.glob(".tmp-*")) + list(parent.glob(".old-*")) + list(parent.glob(".download-*")):
             shutil.rmtree(leftover, ignore_errors=True)
