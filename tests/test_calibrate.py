@@ -201,20 +201,26 @@ def test_sampled_costs_are_exact_for_a_full_sample_and_unbiased_otherwise():
 
 
 def test_sampled_allocation_costs_within_tolerance_of_the_exact_one():
-    """The allocation a sampled table leads to, costed with the exact table, at several budgets: within 1 % of
-    the exact optimum (measured on a SmolLM2-shaped model in benchmarks/calibrate_cost.md)."""
+    """The allocation a sampled table leads to, costed with the exact table, against the exact optimum, at six
+    budgets, on 12 small layers with heavy-tailed weights and Fisher (a harsh case: few weights, outliers).
+    Sampling 2048 weights per layer (44–89 % of the larger ones; the smallest fall back to exact) keeps the
+    regret within 2 % on average and 5 % at worst for both weightings; 512 weights do not (up to 29 %)."""
     shapes = [(48, 96), (96, 48), (48, 48), (24, 48)] * 3
     pairs = [_heavy(shape, 20 + i) for i, shape in enumerate(shapes)]
     pairs = [(w * (1 + i % 4), f) for i, (w, f) in enumerate(pairs)]  # layers of different scales
-    exact = torch.stack([layer_costs(w, [f], SPECS)[0] for w, f in pairs]).numpy()
-    sampled = torch.stack([layer_costs(w, [f], SPECS, 1024, i)[0] for i, (w, f) in enumerate(pairs)]).numpy()
-    assert np.abs(sampled / exact - 1).max() > 0.01
+    exact = torch.stack([layer_costs(w, [None, f], SPECS) for w, f in pairs])  # (L, 2, C)
+    sampled = torch.stack([layer_costs(w, [None, f], SPECS, 2048, i) for i, (w, f) in enumerate(pairs)])
+    assert (sampled / exact - 1).abs().max() > 0.05  # estimates, not the exact table
     bpp = np.array([s.bits_per_param for s in SPECS])
     numel = np.array([w.numel() for w, _ in pairs])
-    for budget in (2.5, 3.0, 3.5, 4.0, 5.0, 6.0):
-        best = allocate_budget(exact, bpp, numel, budget)
-        chosen = allocate_budget(sampled, bpp, numel, budget).idx
-        assert exact[np.arange(len(pairs)), chosen].sum() <= best.objective * 1.01
+    rows = np.arange(len(pairs))
+    for k in (0, 1):
+        ex, est = exact[:, k].numpy(), sampled[:, k].numpy()
+        regret = []
+        for budget in (2.5, 3.0, 3.5, 4.0, 5.0, 6.0):
+            best = allocate_budget(ex, bpp, numel, budget)
+            regret.append(ex[rows, allocate_budget(est, bpp, numel, budget).idx].sum() / best.objective - 1)
+        assert np.mean(regret) <= 0.02 and max(regret) <= 0.05, regret
 
 
 def test_calibration_sequences_are_seeded_and_sized():
