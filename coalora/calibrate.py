@@ -33,7 +33,7 @@ WEIGHTINGS = ("fisher", "squared")
 TABLE = {"fisher": "cost_fisher", "squared": "cost_squared"}  # weighting → tensor name in costs.safetensors
 COSTS_FILE, INDEX_FILE, FISHER_FILE = "costs.safetensors", "costs.json", "fisher.safetensors"
 SEGMENT = math.lcm(*SPEC_FIELDS["block0"])  # 64: the sampling unit, whole blocks for every B0
-CHUNK_WEIGHTS = 1 << 14  # weights per block_error_sums call on the CPU: ×36 combos, its temporaries stay small
+CHUNK_WEIGHTS = 1 << 11  # weights per block_error_sums call on the CPU: ×36 combos its temporaries (~300 kB) stay in cache
 CHUNK_WEIGHTS_DEVICE = 1 << 20  # on an accelerator: large kernels
 
 
