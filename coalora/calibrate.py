@@ -3,10 +3,13 @@
     calibration_sequences  seeded token windows from the fine-tuning text
     fisher_diagonals       F_i = mean over sequences of (∂ loss_seq / ∂ W_i)²              (out, in) per layer
     cost_tables            cost[i, c] = ‖√F_i ⊙ (W_i − W̃_i(c))‖²  and  ‖W_i − W̃_i(c)‖²    (n_layers, n_specs)
+    layer_costs            one layer's row(s), every spec, by the sweep of ``coalora.quant.sweep``: exact, or
+                           estimated from ``sample_weights`` of its weights (``sample_segments``, ``sampled_sums``)
     CostTable              the stage's files (costs.safetensors + costs.json) in memory; save / load
 
 The cost table and the storage table (``bits_per_param`` per spec, ``numel`` per layer) are all the
-allocation's integer program needs.
+allocation's integer program needs. Time (benchmarks/calibrate_cost.md): exact ∝ parameters × 432 specs;
+sampled ∝ parameters (the scales of every block) + layers × sample_weights × 432.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ WEIGHTINGS = ("fisher", "squared")
 TABLE = {"fisher": "cost_fisher", "squared": "cost_squared"}  # weighting → tensor name in costs.safetensors
 COSTS_FILE, INDEX_FILE, FISHER_FILE = "costs.safetensors", "costs.json", "fisher.safetensors"
 SEGMENT = math.lcm(*SPEC_FIELDS["block0"])  # 64: the sampling unit, whole blocks for every B0
-CHUNK_WEIGHTS = 1 << 11  # weights per block_error_sums call on the CPU: ×36 combos its temporaries (~300 kB) stay in cache
+CHUNK_WEIGHTS = 1 << 11  # weights per block_error_sums call on the CPU: ×36 combos, ~300 kB, stays in cache
 CHUNK_WEIGHTS_DEVICE = 1 << 20  # on an accelerator: large kernels
 
 

@@ -108,7 +108,8 @@ def _heavy(shape, seed):
     """Student-t weights (heavy tails, like trained ones) and a heavy-tailed Fisher with row/column structure."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g) / torch.rand(shape, generator=g).clamp(min=0.05).sqrt() * 0.02
-    f = torch.rand(shape, generator=g) ** 4 * torch.rand(shape[0], 1, generator=g) * torch.rand(1, shape[1], generator=g)
+    f = torch.rand(shape, generator=g) ** 4 * torch.rand(shape[0], 1, generator=g)
+    f = f * torch.rand(1, shape[1], generator=g)
     return w, f
 
 
