@@ -134,12 +134,20 @@ class QuantParams(Section):
 
 
 class CalibrateParams(Section):
-    """Base quantization calibration: empirical Fisher diagonals and the per-(layer, spec) cost table."""
+    """Base quantization calibration: empirical Fisher diagonals and the per-(layer, spec) cost table.
+
+    ``sample_weights``: None computes every (layer, spec) cost exactly, in time ∝ parameters × 432; a number
+    s estimates each layer's costs from ~s of its weights (``coalora.calibrate.layer_costs``), in time
+    ∝ parameters × ~1 (the scales of every block) + layers × s × 432.
+    """
 
     n_sequences: int = Field(ge=1)
     seq_len: int = Field(ge=8)
     batch_size: int = Field(ge=1)
     weighting: Literal["fisher", "squared"]
+    sample_weights: int | None = Field(ge=64, description=(
+        "weights per layer whose errors are computed under every spec; the rest of the layer's cost is "
+        "estimated from them (None: exact, every weight)"))
 
 
 # The cheapest and richest specs' bits per parameter: 2 + 2/64 + 16/(64·256) and 8 + 8/16 + 32/(16·16).

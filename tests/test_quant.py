@@ -31,7 +31,8 @@ from coalora.quant import (
     unpack_bits,
 )
 from coalora.quant.fake import block_scales
-from coalora.quant.nf import GRID_CELLS, grid_level_index, nearest_level_index, nearest_level_index_reference
+from coalora.quant.nf import (GRID_CELLS, grid_cell, grid_level_index, grid_level_value, nearest_level_index,
+                              nearest_level_index_reference)
 
 SOME_SPECS = [
     QLORA_SPEC,
@@ -197,6 +198,8 @@ def test_grid_search_equals_the_binary_search_at_every_edge(k):
     reference = nearest_level_index_reference(xs, k)
     assert torch.equal(grid_level_index(xs, k), reference)
     assert torch.equal(nearest_level_index(xs, k), reference)
+    # the level itself, from a cell computed once for every k (the cost-table sweep's path)
+    assert torch.equal(grid_level_value(xs, grid_cell(xs), k), nf_levels(k)[reference.long()])
 
 
 # ------------------------------------------------------------------------------ fake quantization

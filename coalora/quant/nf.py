@@ -125,7 +125,7 @@ def grid_level_index(x: torch.Tensor, k: int) -> torch.Tensor:
     flat = x.reshape(-1)
     # Three full-size buffers, everything else in place: on the CPU a fresh large tensor costs more in
     # page faults than the arithmetic on it. Codes are counted in float32 (exact below 2^24).
-    t = flat.clamp(-2.0, 2.0).add_(1.0).mul_(GRID_CELLS / 2).clamp_(0, GRID_CELLS - 1)
+    t = _grid_position(flat)
     cell = t.to(torch.int32)  # t ≥ 0, so truncation is floor
     code = base.index_select(0, cell)  # midpoints certainly below x
     for j in range(m):
@@ -138,3 +138,47 @@ def nearest_level_index_reference(x: torch.Tensor, k: int) -> torch.Tensor:
     """The binary-search definition ``nearest_level_index`` must equal (tests compare them)."""
     mids = nf_midpoints(k, torch.float32, x.device)
     return torch.bucketize(x, mids, out_int32=True, right=False)
+
+
+def _grid_position(x: torch.Tensor) -> torch.Tensor:
+    """(clamp(x, −2, 2) + 1)·G/2 clamped to [0, G − 1], a fresh float32 tensor: its floor is x's grid cell."""
+    return x.clamp(-2.0, 2.0).add_(1.0).mul_(GRID_CELLS / 2).clamp_(0, GRID_CELLS - 1)
+
+
+def grid_cell(x: torch.Tensor) -> torch.Tensor:
+    """The grid cell of each element of ``x`` (float32), int32, same shape.
+
+    The grid does not depend on k, so one cell serves the level search of every k (``grid_level_value``).
+    """
+    return _grid_position(x).to(torch.int32)  # the position is ≥ 0: truncation is floor
+
+
+@functools.lru_cache(maxsize=None)
+def _value_tables(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(candidate, low, high), each (G,) float32: per cell, the one midpoint that may or may not lie below x
+    (M = 1 for every k, see ``_grid_tables``) and the levels chosen when it does not / does."""
+    base, candidates, m = _grid_tables(k, torch.device("cpu"))
+    if m != 1:  # pragma: no cover - holds for k = 2..8 (tested); a finer grid would be needed otherwise
+        raise ValueError(f"NF-{k}: {m} candidate midpoints per grid cell, the value lookup handles one")
+    levels = _nf_tables(k, torch.float32, torch.device("cpu"))[0]
+    low = base.long()  # (G,) the code when the candidate is not below x
+    high = (low + 1).clamp_(max=len(levels) - 1)  # the candidate is +inf where no level lies above
+    return candidates[0].to(device), levels[low].to(device), levels[high].to(device)
+
+
+def grid_level_value(x: torch.Tensor, cell: torch.Tensor, k: int) -> torch.Tensor:
+    """The NF-k level nearest to each element of ``x``: ``nf_levels(k)[nearest_level_index(x, k)]``.
+
+    Args:
+        x: (...) float32.
+        cell: ``grid_cell(x)``, computed once for every k the caller needs.
+        k: NF bits.
+
+    Returns:
+        float32, the shape of ``x``: level[code] with code = base[cell] + [candidate[cell] < x], the same
+        code as ``grid_level_index`` (tested), picked without forming it.
+    """
+    candidate, low, high = _value_tables(k, x.device)
+    flat, c = x.reshape(-1), cell.reshape(-1)
+    above = torch.lt(candidate.index_select(0, c), flat)  # (n,) bool
+    return torch.where(above, high.index_select(0, c), low.index_select(0, c)).view(x.shape)

@@ -48,7 +48,8 @@ def run(params: Params, ctx: StageContext) -> dict:
         sequences = calibration_sequences(tokenizer, texts, p.n_sequences, p.seq_len, params.seed)
         fisher, fisher_seconds = timed(fisher_diagonals, model, sequences, layers, ctx.progress, p.batch_size)
         save_file({name: f.contiguous() for name, f in fisher.items()}, str(ctx.out / FISHER_FILE))
-    tables, cost_seconds = timed(cost_tables, model, layers, fisher, specs, ctx.progress)
+    tables, cost_seconds = timed(cost_tables, model, layers, fisher, specs, ctx.progress, p.sample_weights,
+                                 params.seed)
     table = CostTable(layers, specs, {f"cost_{k}": v for k, v in tables.items()}, p.weighting,
                       p.n_sequences if fisher is not None else 0)
     table.save(ctx.out)
@@ -62,6 +63,7 @@ def run(params: Params, ctx: StageContext) -> dict:
         "n_sequences": table.n_sequences,
         "fisher_seconds": round(fisher_seconds, 2),
         "cost_table_seconds": round(cost_seconds, 2),
+        "sample_weights": p.sample_weights,
     }
 
 
