@@ -133,16 +133,38 @@ def release() -> None:
         acc.free_memory()
 
 
+DEVICE_ENV = "COALORA_DEVICE"
+
+
+def compute_device():
+    """The device a process started on its own computes on: ``$COALORA_DEVICE`` (``cpu``, ``cuda``,
+    ``cuda:N``), else the first GPU when there is one, else the CPU. Under a launch: the rank's device."""
+    import torch
+
+    if (acc := accelerator()) is not None:
+        return acc.device
+    wanted = os.environ.get(DEVICE_ENV)
+    if wanted:
+        try:
+            device = torch.device(wanted)
+        except RuntimeError:
+            raise UserError(f"{DEVICE_ENV}: {wanted!r} is not a device; allowed: cpu, cuda, cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"{DEVICE_ENV}: {wanted!r}, but torch sees no CUDA device here; use cpu")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def to_device(module):
-    """Move a module to this rank's device (its GPU; CPU stays CPU); unchanged when not launched."""
-    acc = accelerator()
-    return module if acc is None else module.to(acc.device)
+    """Move a module to the compute device (this rank's under a launch; CPU stays CPU)."""
+    device = compute_device()
+    return module if device.type == "cpu" else module.to(device)
 
 
 def on_device(batch: dict) -> dict:
-    """The batch's tensors on this rank's device; the batch itself when not launched."""
-    acc = accelerator()
-    return batch if acc is None else {k: v.to(acc.device) for k, v in batch.items()}
+    """The batch's tensors on the compute device (the batch itself on the CPU)."""
+    device = compute_device()
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
 def shard(batch: dict) -> dict:

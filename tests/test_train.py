@@ -399,3 +399,31 @@ def test_adapter_files_are_byte_identical_across_processes(tmp_path):
         subprocess.run([sys.executable, "-c", code, str(path)], check=True)
         digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["coalora", "lqlora"])
+def test_a_process_started_on_its_own_trains_on_the_gpu_like_on_the_cpu(name, tmp_path, monkeypatch):
+    """With a GPU and no launcher, training runs there (COALORA_DEVICE unset): the same losses as on the
+    CPU up to float rounding."""
+    monkeypatch.setenv("COALORA_DEVICE", "cpu")
+    cpu = train_method(METHODS[name], tiny_setup(), tmp_path / "cpu").runs[0]
+    monkeypatch.delenv("COALORA_DEVICE")
+    gpu = train_method(METHODS[name], tiny_setup(), tmp_path / "gpu").runs[0]
+    assert gpu.steps == cpu.steps
+    assert [b for _, b in gpu.losses] == pytest.approx([b for _, b in cpu.losses], rel=1e-3, abs=1e-4)
+
+
+def test_the_compute_device_is_the_cpu_here_and_a_bad_choice_is_refused(monkeypatch):
+    from coalora.parallel import compute_device
+
+    monkeypatch.delenv("COALORA_DEVICE", raising=False)
+    assert compute_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("COALORA_DEVICE", "tpu9")
+    with pytest.raises(UserError, match="COALORA_DEVICE: 'tpu9' is not a device"):
+        compute_device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("COALORA_DEVICE", "cuda")
+        with pytest.raises(UserError, match="torch sees no CUDA device"):
+            compute_device()

@@ -122,6 +122,7 @@ def quantized_model(job: Job, inputs: RowInputs):
     """
     import torch
 
+    from coalora import parallel
     from coalora.model.coa import CoAModel
     from coalora.model.load import load_base
     from coalora.space import quantized_layers
@@ -134,6 +135,7 @@ def quantized_model(job: Job, inputs: RowInputs):
         tensors, header, record = _adapter(job, inputs)
         dtype = header.get("dtype") or record["train"]["dtype"]
     base, tokenizer = load_base(inputs.folders["base_model"], dtype)
+    base = parallel.to_device(base)  # the GPU when there is one: quantization and scoring run there
     if job.method == FULL:
         return base.eval(), tokenizer, None, 0.0, float(DTYPE_BITS[dtype])
     layers = quantized_layers(base, inputs.target_modules)

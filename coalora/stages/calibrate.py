@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
+from coalora import parallel
 from coalora.artifacts import read_jsonl
 from coalora.calibrate import FISHER_FILE, CostTable, calibration_sequences, cost_tables, fisher_diagonals, timed
 from coalora.data import layout
@@ -26,11 +25,6 @@ from coalora.stages.core import Stage, StageContext
 log = logging.getLogger("coalora.stages.calibrate")
 
 
-def device() -> torch.device:
-    """The accelerator when there is one: the cost table quantizes every layer 432 times."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run(params: Params, ctx: StageContext) -> dict:
     """Calibrate: sequences → Fisher (weighting fisher) → both cost tables → files; returns a summary."""
     from safetensors.torch import save_file
@@ -39,7 +33,7 @@ def run(params: Params, ctx: StageContext) -> dict:
 
     p = params.calibrate
     model, tokenizer = load_base(ctx.input("base_model"))  # float32: the costs are computed in float32
-    model.to(device())
+    model = parallel.to_device(model)  # the GPU when there is one: the cost table quantizes every layer 432 times
     layers = quantized_layers(model, params.quant.target_modules)
     specs = all_specs()
     fisher, fisher_seconds = None, 0.0

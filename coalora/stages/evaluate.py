@@ -132,6 +132,10 @@ def eval_workers(n_jobs: int) -> int:
         raise UserError(f"{WORKERS_ENV}: {raw!r} is not a whole number of processes") from None
     if wanted < 1:
         raise UserError(f"{WORKERS_ENV}: {wanted}; allowed: 1 or more processes")
+    from coalora.parallel import compute_device
+
+    if compute_device().type != "cpu" and not raw:
+        return 1  # one process drives the GPU; CPU cores would only queue behind it
     return max(1, min(wanted, n_jobs // ROWS_PER_WORKER))
 
 

@@ -116,9 +116,10 @@ class Trainer:
 
     def train_step(self, configs: Sequence[Config]) -> float:
         """One optimizer step on one batch under every config; returns the mean loss per config."""
-        batch = self.batches.sample(self.batch_gen)  # (B, T) tensors
+        batch = self.batches.sample(self.batch_gen)  # (B, T) tensors, drawn on the CPU (the same on any device)
         if self.net is not None:
             return self._parallel_step(batch, configs)
+        batch = parallel.on_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for config in configs:
