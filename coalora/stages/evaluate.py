@@ -86,8 +86,9 @@ class _Scorer:
 
         p = self.params
         if self._benchmarks is None:
+            # one scratch folder per process: Benchmarks clears its folder, and scoring processes run at once
             self._benchmarks = Benchmarks(self.ctx.input("data"), p.eval.tasks, p.eval.limit,
-                                          self.ctx.work / "lm_eval")
+                                          self.ctx.work / "lm_eval" / str(os.getpid()))
         dtype = read_json(self.ctx.input("train") / "targets.json")["dtype"]  # what the methods trained in
         inputs = RowInputs({name: self.ctx.input(name) for name in DEPS}, p.eval, p.lora,
                            tuple(p.quant.target_modules), p.seed, dtype)
