@@ -89,6 +89,9 @@ class Recorder:
             if self.repo is None:
                 from dvc.repo import Repo
 
+                # importing dvc sets its logger to INFO with its own handlers: a line per lock update
+                verbose = logging.getLogger("coalora").isEnabledFor(logging.DEBUG)
+                logging.getLogger("dvc").setLevel(logging.DEBUG if verbose else logging.WARNING)
                 self.repo = Repo(str(self.root))
             self.repo.commit(name, force=True)
         except (DvcException, OSError) as exc:
