@@ -149,16 +149,15 @@ def _quiet_prefect_for_user_errors(verbose: bool) -> None:
         return
     import logging
 
-    from coalora import errors
+    def kinds(cls: type) -> list[type]:
+        return [cls, *(sub for child in cls.__subclasses__() for sub in kinds(child))]
 
-    names = tuple(f"{cls.__name__}" for cls in vars(errors).values()
-                  if isinstance(cls, type) and issubclass(cls, UserError))
+    marks = [f"{cls.__name__}{end}" for cls in kinds(UserError) for end in ("(", ":")]
 
     def not_user_error(record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], UserError):
             return False
-        return record.levelno < logging.ERROR or not any(f"{name}(" in record.getMessage()
-                                                         or f"{name}:" in record.getMessage() for name in names)
+        return record.levelno < logging.ERROR or not any(mark in record.getMessage() for mark in marks)
 
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logger = logging.getLogger(name)
@@ -431,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:  # a line per HTTP request to Prefect's API and per Dask worker event is noise here
-        for name in ("httpx", "alembic", "mlflow.store.db.utils", "dvc"):
+        for name in ("httpx", "alembic", "mlflow.store.db.utils"):
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # dask sets its level on import
     try:
