@@ -151,14 +151,16 @@ def content_digest(path: Path, exact: str) -> str:
 def folder_digest(folder: Path) -> str:
     """The digest of a verified stage output: what it holds, wall-clock fields left out.
 
-    It feeds the cache keys of downstream stages, so a rebuild that produces the same content (only its
-    timings differ) leaves them cached. Integrity is the manifest's business (:func:`verify_manifest`,
-    exact bytes); this is about meaning.
+    It feeds the cache keys of downstream stages, so a rebuild that produces the same content leaves them
+    cached: a rebuild after damage, or after a code change that does not change what the stage writes. The
+    build record (``stage.json``: the key the folder was built under, the summary, its time) is left out too:
+    it says how the folder was made, not what it holds, and no stage reads another's. Integrity is the
+    manifest's business (:func:`verify_manifest`, exact bytes); this is about meaning.
     """
     folder = Path(folder)
     files = read_json(folder / MANIFEST)["files"]
-    return content_id({name: content_digest(folder / name, exact) for name, exact in sorted(files.items())},
-                      length=64)
+    return content_id({name: content_digest(folder / name, exact) for name, exact in sorted(files.items())
+                       if name != RECORD}, length=64)
 
 
 @contextmanager

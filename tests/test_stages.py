@@ -172,3 +172,18 @@ def test_content_digest_of_json_and_csv_ignores_only_wall_clock(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert content_digest(bad, "exact") == "exact"
+
+
+def test_code_change_with_the_same_output_leaves_downstream_cached(tmp_path, params, monkeypatch):
+    """An edit to a stage's code (a comment, a refactoring) re-runs that stage; its output has the same
+    content, so the stages reading it stay cached (stage.json's key is how the folder was made, not content)."""
+    from coalora.stages import core
+
+    run_stage(UP, params, tmp_path)
+    run_stage(DOWN, params, tmp_path)
+    digest = core.code_digest
+    monkeypatch.setattr(core, "code_digest", lambda stage: digest(stage) + ("-edited" if stage is UP else ""))
+    assert fresh_summary(UP, params, tmp_path) is None
+    run_stage(UP, params, tmp_path)
+    assert fresh_summary(DOWN, params, tmp_path) is not None
+    assert CALLS == ["up", "down", "up"]
