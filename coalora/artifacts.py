@@ -7,9 +7,11 @@ manifest is corrupt or foreign: it is never used, it is rebuilt.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -110,9 +112,55 @@ def verify_manifest(folder: Path) -> str | None:
     return None
 
 
+def is_wall_clock(name: str) -> bool:
+    """Whether a JSON key or CSV column holds a wall-clock measurement: its name has the word ``seconds``
+    (``seconds``, ``fisher_seconds``, ``eval_seconds_per_row``, ``coalora.seconds``). The convention every
+    stage follows for timings, so that they can be left out of content digests."""
+    return "seconds" in re.split(r"[._\-]", name)
+
+
+def _without_wall_clock(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_wall_clock(v) for k, v in obj.items() if not is_wall_clock(str(k))}
+    if isinstance(obj, list):
+        return [_without_wall_clock(v) for v in obj]
+    return obj
+
+
+def content_digest(path: Path, exact: str) -> str:
+    """The digest of a file's content without its wall-clock fields; ``exact`` is its sha256.
+
+    JSON: the canonical JSON of the object minus every wall-clock key (at any depth). CSV: the rows minus
+    wall-clock columns. Other files (tensors, JSONL data, images, text): ``exact``. A file that does not
+    parse as its extension says is digested exactly too.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            return sha256_bytes(canonical_json(_without_wall_clock(json.loads(path.read_text()))).encode())
+        if path.suffix == ".csv":
+            with open(path, newline="") as handle:
+                rows = list(csv.reader(handle))
+            keep = [i for i, name in enumerate(rows[0] if rows else []) if not is_wall_clock(name)]
+            return sha256_bytes(canonical_json([[row[i] for i in keep if i < len(row)] for row in rows]).encode())
+    except (ValueError, UnicodeDecodeError, csv.Error):
+        pass
+    return exact
+
+
 def folder_digest(folder: Path) -> str:
-    """The digest of a verified stage output: the hash of its manifest's file table."""
-    return content_id(read_json(Path(folder) / MANIFEST)["files"], length=64)
+    """The digest of a verified stage output: what it holds, wall-clock fields left out.
+
+    It feeds the cache keys of downstream stages, so a rebuild that produces the same content leaves them
+    cached: a rebuild after damage, or after a code change that does not change what the stage writes. The
+    build record (``stage.json``: the key the folder was built under, the summary, its time) is left out too:
+    it says how the folder was made, not what it holds, and no stage reads another's. Integrity is the
+    manifest's business (:func:`verify_manifest`, exact bytes); this is about meaning.
+    """
+    folder = Path(folder)
+    files = read_json(folder / MANIFEST)["files"]
+    return content_id({name: content_digest(folder / name, exact) for name, exact in sorted(files.items())
+                       if name != RECORD}, length=64)
 
 
 @contextmanager

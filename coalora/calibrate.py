@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from coalora.artifacts import read_json, write_json
 from coalora.errors import ArtifactError, UserError
+from coalora.progress import progress as progress_bar
 from coalora.quant import SPEC_FIELDS, QuantSpec, all_specs
 from coalora.quant.fake import block_absmax, check_weight, padded_blocks
 from coalora.quant.sweep import SCALE_COMBOS, block_error_sums, scale_sets
@@ -113,7 +113,7 @@ def fisher_diagonals(model: torch.nn.Module, sequences: torch.Tensor, layers: La
         model: the base model (eval mode is set here; its parameters' ``requires_grad`` are restored).
         sequences: (N, T) token ids.
         layers: the quantized layers (name → shape).
-        progress: tqdm bar over batches.
+        progress: show progress over batches (coalora.progress).
         batch_size: sequences per forward/backward (any value gives the same numbers up to float rounding).
 
     Returns:
@@ -133,7 +133,7 @@ def fisher_diagonals(model: torch.nn.Module, sequences: torch.Tensor, layers: La
         for w in weights.values():
             w.requires_grad_(True)
         starts = range(0, len(sequences), batch_size)
-        for start in tqdm(starts, desc="fisher", unit="batch", disable=not progress):
+        for start in progress_bar(starts, desc="fisher", unit="batch", enabled=progress):
             ids = sequences[start:start + batch_size].to(device)
             sequence_losses(model, ids).sum().backward()
             for w in weights.values():
@@ -350,7 +350,7 @@ def cost_tables(model: torch.nn.Module, layers: Layers, fisher: dict[str, torch.
             tables[name][i] = rows[k]
 
     with _layer_workers(next(iter(weights.values())).device) as workers, \
-            tqdm(total=len(layers), desc="cost table", unit="layer", disable=not progress) as bar:
+            progress_bar(total=len(layers), desc="cost table", unit="layer", enabled=progress) as bar:
         jobs = [workers.submit(one, i, layer) for i, layer in enumerate(layers)]
         for job in as_completed(jobs):
             job.result()  # re-raises a layer's error here

@@ -13,13 +13,14 @@ import os
 import sys
 from pathlib import Path
 
-from coalora.errors import UserError
+from coalora.errors import UserError, file_error
 
 
 def _params(args):
-    from coalora.params import load_params
+    """The validated params, cross-field rules included (coalora.checks), before anything starts."""
+    from coalora.checks import load_checked
 
-    return load_params(args.root, args.profile)
+    return load_checked(args.root, args.profile)
 
 
 def cmd_params(args) -> int:
@@ -45,16 +46,30 @@ def _preflight(params, args) -> None:
     preflight(params, args.root)
 
 
+def _project_checks(args, params, stages) -> None:
+    """Before any stage: the params fit the project (coalora.checks.PROJECT_CHECKS concerning ``stages``)."""
+    from coalora.checks import run_project_checks
+
+    run_project_checks(params, args.root, {section for stage in stages for section in stage.params})
+
+
 def cmd_stage(args) -> int:
     params = _params(args)  # validate before anything is imported, started or written
     _preflight(params, args)
-    from coalora.env import configure
-
-    configure(args.root)
     from coalora import parallel
-    from coalora.stages import get_stage, run_stage
+    from coalora.checks import check_writable
+    from coalora.env import configure
+    from coalora.progress import quiet_libraries
+    from coalora.stages import fresh_summary, get_stage, run_stage
 
-    summary = run_stage(get_stage(args.name), params, args.root, force=args.force)
+    stage = get_stage(args.name)
+    check_writable(args.root)
+    configure(args.root, create=False)
+    quiet_libraries()
+    if args.force or fresh_summary(stage, params, args.root) is None:
+        _project_checks(args, params, [stage])
+    configure(args.root)
+    summary = run_stage(stage, params, args.root, force=args.force)
     if parallel.is_main():  # under `accelerate launch`: printed once
         print(json.dumps(summary, indent=2, sort_keys=True))
     parallel.finish()
@@ -78,10 +93,23 @@ def cmd_run(args) -> int:
         raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)}; allowed: {', '.join(STAGES)}")
     if args.dask_workers is not None and args.dask_workers < 1:
         raise UserError(f"--dask-workers: {args.dask_workers}; give a number of worker processes >= 1")
-    configure(args.root)
+    if args.dask_address:
+        _check_dask_address(args.dask_address)
+    from coalora.checks import check_writable
+    from coalora.progress import quiet_libraries
+
+    check_writable(args.root)
+    configure(args.root, create=False)
+    quiet_libraries()
     if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
         return 0
+    from coalora.stages import fresh_summary, get_stage
+
+    to_run = [get_stage(name) for name in selected if fresh_summary(get_stage(name), params, args.root) is None]
+    _project_checks(args, params, to_run)
+    configure(args.root)
     del params
+    _quiet_prefect_for_user_errors(args.verbose)
     from flows.pipeline import run_pipeline
 
     result = run_pipeline(str(Path(args.root).resolve()), args.profile, selected, track=not args.no_track,
@@ -91,6 +119,50 @@ def cmd_run(args) -> int:
     print(f"artifacts: {Path(args.root).resolve() / 'artifacts'}")
     _print_report(Path(args.root).resolve(), result.get("mlflow"))
     return 0
+
+
+def _check_dask_address(address: str, timeout: float = 5.0) -> None:
+    """A ``tcp://HOST:PORT`` (or ``tls://``) scheduler address that answers; UserError otherwise. Other
+    schemes (inproc, ucx) are left to Dask."""
+    import socket
+
+    scheme, sep, rest = address.rpartition("://")
+    if (scheme if sep else "tcp") not in ("tcp", "tls"):
+        return
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--dask-address: {address!r} is not a scheduler address; give tcp://HOST:PORT "
+                        f"(e.g. tcp://127.0.0.1:8786)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"--dask-address: no Dask scheduler answers at {address} "
+                        f"({exc.strerror or type(exc).__name__}); start one (`dask scheduler`) or leave out "
+                        f"--dask-address") from None
+
+
+def _quiet_prefect_for_user_errors(verbose: bool) -> None:
+    """Bad input raised inside a stage reaches the user as one line (main prints it), not also as Prefect's
+    reports of the failed task and flow (``Finished in state Failed('… OfflineError: …')`` and a traceback);
+    ``-v`` keeps them."""
+    if verbose:
+        return
+    import logging
+
+    def kinds(cls: type) -> list[type]:
+        return [cls, *(sub for child in cls.__subclasses__() for sub in kinds(child))]
+
+    marks = [f"{cls.__name__}{end}" for cls in kinds(UserError) for end in ("(", ":")]
+
+    def not_user_error(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            return False
+        return record.levelno < logging.ERROR or not any(mark in record.getMessage() for mark in marks)
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(getattr(f, "__name__", "") == "not_user_error" for f in logger.filters):
+            logger.addFilter(not_user_error)
 
 
 def _print_stage(name: str, state: str, summary: dict) -> None:
@@ -111,6 +183,9 @@ def _up_to_date(args, params, selected: list[str]) -> bool:
     for name, summary in summaries.items():
         _print_stage(name, "Cached", summary)
     print("every stage is up to date: nothing to run (no flow started)")
+    from coalora.stages.dvclock import record_stages
+
+    record_stages(root, args.profile, selected)  # DVC in step, also with outputs made by `coalora stage`
     print(f"artifacts: {root / 'artifacts'}")
     tracked = None
     if not args.no_track:
@@ -361,8 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except UserError as exc:
+        logging.getLogger("coalora").debug("details", exc_info=True)  # -v: the traceback
         print(f"coalora: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a read-only or full disk, a folder without permission: the user's to fix
+        message = file_error(exc)
+        if message is None:
+            raise
+        logging.getLogger("coalora").debug("details", exc_info=True)
+        print(f"coalora: error: {message}", file=sys.stderr)
+        return UserError.exit_code
     except KeyboardInterrupt:
         print("coalora: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

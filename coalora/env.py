@@ -31,11 +31,12 @@ def state_dir(root: Path | str) -> Path:
     return Path(root).resolve() / STATE_DIR
 
 
-def configure(root: Path | str = ".") -> Path:
+def configure(root: Path | str = ".", create: bool = True) -> Path:
     """Set the defaults above, plus Prefect's home and result storage under the project's state folder.
 
     The hubs stay offline unless ``COALORA_ONLINE=1``: a run never reaches the network by surprise, and a
-    missing model or dataset fails fast with a message saying how to pre-fetch it.
+    missing model or dataset fails fast with a message saying how to pre-fetch it. ``create=False``: set
+    the variables only (checks that may still reject the run write nothing); call again before Prefect.
     """
     state = state_dir(root)
     defaults = dict(QUIET)
@@ -46,5 +47,6 @@ def configure(root: Path | str = ".") -> Path:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     # Prefect creates its home without parents and warns when it cannot: make the state folder first.
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    if create:
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     return state

@@ -87,19 +87,25 @@ def quantized_layers(model: torch.nn.Module, target_modules: Sequence[str]) -> d
         name → (out_features, in_features), in model order (``named_modules``).
 
     Raises:
-        UserError: naming ``quant.target_modules`` when no linear layer matches.
+        UserError: naming ``quant.target_modules`` and the entries that match no linear layer (a typo such as
+            ``qq_proj`` would otherwise quietly quantize fewer layers).
     """
     prefix, blocks = find_blocks(model)
     layers: dict[str, tuple[int, int]] = {}
+    used: set[str] = set()
     for sub_name, module in blocks.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
         name = f"{prefix}.{sub_name}" if prefix else sub_name
-        if any(matches_target(name, entry) for entry in target_modules):
+        matched = {entry for entry in target_modules if matches_target(name, entry)}
+        if matched:
+            used |= matched
             layers[name] = (int(module.out_features), int(module.in_features))
-    if not layers:
+    unmatched = [entry for entry in target_modules if entry not in used]
+    if unmatched:
         kinds = sorted({n.rsplit(".", 1)[-1] for n, m in blocks.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise UserError(f"{TARGET_FIELD}: {list(target_modules)} matches no linear layer inside the blocks "
+        raise UserError(f"{TARGET_FIELD}: {', '.join(map(repr, unmatched))} "
+                        f"match{'es' if len(unmatched) == 1 else ''} no linear layer inside the blocks "
                         f"'{prefix}.N'; linear layers there end in: {', '.join(kinds) or 'none'}")
     return layers
 

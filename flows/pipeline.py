@@ -2,7 +2,8 @@
 
 Before each task the flow checks that the stage's output folder is intact and built under the current
 key; when it is not (deleted, corrupt, produced under other params) the task runs with ``refresh_cache``
-so a stale cache record can never stand in for a missing artifact.
+so a stale cache record can never stand in for a missing artifact. After each stage the flow records it
+into dvc.lock and DVC's cache (``coalora.stages.dvclock``), so DVC stays in step with the flow.
 
 Stages are submitted to the flow's task runner (threads by default; ``dask=...`` gives Prefect's
 ``DaskTaskRunner``). Stages depend on each other, so they run one after another. On Dask, a stage whose
@@ -23,6 +24,7 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 from coalora.params import load_params
 from coalora import stages as registry
 from coalora.stages import fresh_summary, get_stage
+from coalora.stages.dvclock import Recorder
 from tasks.stages import job_ids, job_task, stage_task, track_task
 
 FLOW_NAME = "coalora-pipeline"
@@ -41,15 +43,17 @@ def pipeline(root: str = ".", profile: str | None = None, stages: list[str] | No
     """
     params = load_params(root, profile)
     outcome = {}
-    # the registry at call time: importing STAGES by name would freeze the stage list of import time
-    for name in stages or list(registry.PIPELINE):
-        intact = fresh_summary(get_stage(name), params, Path(root)) is not None
-        if not intact and fan_out_jobs:
-            fan_out(name, root, profile)
-        future = stage_task.with_options(refresh_cache=not intact).submit(name, root, profile)
-        future.wait()
-        state = future.state
-        outcome[name] = {"state": state.name, "summary": state.result()}
+    with Recorder(root, profile) as dvc_lock:  # each finished stage into dvc.lock and DVC's cache
+        # the registry at call time: importing STAGES by name would freeze the stage list of import time
+        for name in stages or list(registry.PIPELINE):
+            intact = fresh_summary(get_stage(name), params, Path(root)) is not None
+            if not intact and fan_out_jobs:
+                fan_out(name, root, profile)
+            future = stage_task.with_options(refresh_cache=not intact).submit(name, root, profile)
+            future.wait()
+            state = future.state
+            outcome[name] = {"state": state.name, "summary": state.result()}
+            dvc_lock.record(name, get_stage(name).deps)
     result = {"stages": outcome}
     if track:
         result["mlflow"] = track_task(root, profile, result)

@@ -1,10 +1,10 @@
-"""Shared fixtures. Tests run on CPU, offline: any non-loopback connection fails the test."""
+"""Shared fixtures. Tests run on CPU, offline: any non-loopback connection fails the test, also in the
+subprocesses tests start (dvc, `coalora run`, Prefect's server)."""
 
 from __future__ import annotations
 
-import ipaddress
+import importlib.util
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,40 +20,17 @@ for _key, _value in {
     os.environ[_key] = _value
 
 
-class NetworkAccessError(RuntimeError):
-    """A test tried to reach a host that is not on this machine."""
-
-
-def _is_local(address) -> bool:
-    if not isinstance(address, tuple):  # AF_UNIX paths
-        return True
-    host = address[0]
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: resolving it would already be network access
-
-
-_real_connect = socket.socket.connect
-_real_connect_ex = socket.socket.connect_ex
-
-
-def _guarded_connect(self, address):
-    if not _is_local(address):
-        raise NetworkAccessError(f"test tried to open a network connection to {address!r}")
-    return _real_connect(self, address)
-
-
-def _guarded_connect_ex(self, address):
-    if not _is_local(address):
-        raise NetworkAccessError(f"test tried to open a network connection to {address!r}")
-    return _real_connect_ex(self, address)
-
-
-socket.socket.connect = _guarded_connect
-socket.socket.connect_ex = _guarded_connect_ex
+# The offline guard (tests/offline/sitecustomize.py) here and in every Python subprocess a test starts: they
+# inherit this PYTHONPATH and switch, and import the guard at start-up as ``sitecustomize``.
+GUARD_DIR = REPO_ROOT / "tests" / "offline"
+os.environ["PYTHONPATH"] = os.pathsep.join([str(GUARD_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
+os.environ["COALORA_TEST_OFFLINE"] = "1"
+# Loaded from its file under its own name: this process may already hold another ``sitecustomize``.
+_spec = importlib.util.spec_from_file_location("coalora_offline_guard", GUARD_DIR / "sitecustomize.py")
+_guard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_guard)
+NetworkAccessError = _guard.NetworkAccessError
+_guard.install()
 
 
 @pytest.fixture(scope="session")

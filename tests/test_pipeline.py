@@ -20,8 +20,9 @@ BIN = Path(sys.executable).parent
 
 
 def make_project(repo_root: Path, dest: Path, **overrides) -> Path:
-    """A fresh project folder: the smoke params resolved into params.yaml, dvc.yaml, the DVC config and
-    the code paths dvc.yaml lists as dependencies; a git repository as on a fresh clone."""
+    """A fresh project folder: the smoke params resolved into params.yaml, dvc.yaml, the DVC config, the
+    code paths dvc.yaml lists as dependencies and the stage command it runs (bin/); a git repository as on a
+    fresh clone."""
     dest.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load(dump_params(load_params(repo_root, "smoke")))
     for dotted, value in overrides.items():
@@ -35,6 +36,7 @@ def make_project(repo_root: Path, dest: Path, **overrides) -> Path:
         shutil.copy(repo_root / name, dest / name)
     shutil.copytree(repo_root / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     shutil.copytree(repo_root / "coalora", dest / "coalora", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo_root / "bin", dest / "bin")
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
 

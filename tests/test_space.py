@@ -56,8 +56,9 @@ def test_target_modules_subset_suffix_and_regex(llama):
     assert list(quantized_layers(llama, ["mlp.down_proj"])) == [f"model.layers.{b}.mlp.down_proj" for b in range(2)]
     assert list(quantized_layers(llama, [r"model\.layers\.1\.mlp\.(up|gate)_proj"])) == [
         "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
-    # lm_head is a Linear outside the blocks: never quantized, even when named
-    assert "lm_head" not in quantized_layers(llama, ["lm_head", "q_proj"])
+    # lm_head is a Linear outside the blocks: never quantized; naming it is an entry that matches nothing
+    with pytest.raises(UserError, match=r"quant\.target_modules: 'lm_head' matches no linear layer inside"):
+        quantized_layers(llama, ["lm_head", "q_proj"])
 
 
 def test_no_match_names_the_field(llama):

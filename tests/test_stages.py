@@ -8,7 +8,7 @@ import yaml
 from coalora.artifacts import MANIFEST, verify_manifest, write_json
 from coalora.errors import ArtifactError
 from coalora.params import load_params
-from coalora.stages.core import Stage, fresh_summary, run_stage, stage_key
+from coalora.stages.core import Stage, code_paths, fresh_summary, run_stage, stage_key
 
 CALLS: list[str] = []
 
@@ -100,12 +100,13 @@ def test_dvc_yaml_matches_stage_declarations(repo_root):
     assert list(declared) == list(STAGES)
     for name, stage in STAGES.items():
         entry = declared[name]
-        assert entry["cmd"] == f"coalora stage {name}"
+        assert entry["cmd"] == f"sh bin/coalora-stage {name}"
         assert entry["params"] == list(stage.params)
-        assert entry["outs"] == [f"artifacts/{name}"]
-        assert entry["deps"] == [f"artifacts/{d}" for d in stage.deps] + list(stage.code)
-        for path in stage.code:
-            assert (repo_root / path).exists(), f"stage {name} declares missing code path {path}"
+        assert entry["outs"] == [{f"artifacts/{name}": {"persist": True}}]  # a failed command keeps it
+        assert entry["deps"] == [f"artifacts/{d}" for d in stage.deps] + list(code_paths(stage))
+        assert f"coalora/stages/{name}.py" in entry["deps"]
+        for path in code_paths(stage):
+            assert (repo_root / path).is_file(), f"stage {name} lists missing code file {path}"
 
 
 def test_atomic_writes_have_ordinary_permissions(tmp_path):
@@ -115,3 +116,74 @@ def test_atomic_writes_have_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def _timed_upstream(params, ctx):
+    CALLS.append("up")
+    write_json(ctx.out / "value.json", {"n": params.world.n_entities, "seconds": len(CALLS) * 1.5})
+    (ctx.out / "times.csv").write_text(f"n,wall_seconds\n{params.world.n_entities},{len(CALLS) * 2.5}\n")
+    return {"n": params.world.n_entities, "fit_seconds": len(CALLS) * 0.5}
+
+
+TIMED_UP = Stage("up", _timed_upstream, params=("world",))
+
+
+def test_identical_rebuild_leaves_downstream_cached(tmp_path, params):
+    """Wall-clock fields (``seconds`` in stage.json, ``*_seconds`` keys and columns) are not content: a rebuild
+    that changes only them keeps the downstream key, while the manifest still guards every byte."""
+    from coalora.artifacts import folder_digest
+
+    run_stage(TIMED_UP, params, tmp_path)
+    run_stage(DOWN, params, tmp_path)
+    digest = folder_digest(tmp_path / "artifacts/up")
+    manifest = (tmp_path / "artifacts/up" / MANIFEST).read_text()
+    run_stage(TIMED_UP, params, tmp_path, force=True)
+    assert (tmp_path / "artifacts/up" / MANIFEST).read_text() != manifest  # other timings, other bytes
+    assert folder_digest(tmp_path / "artifacts/up") == digest
+    assert fresh_summary(DOWN, params, tmp_path) is not None
+    run_stage(DOWN, params, tmp_path)
+    assert CALLS == ["up", "down", "up"]
+    # a changed value that is not a timing is content: downstream follows
+    (tmp_path / "artifacts/up/times.csv").write_text("n,wall_seconds\n99,1.0\n")
+    assert verify_manifest(tmp_path / "artifacts/up") is not None  # and it is corrupt, not trusted
+
+
+def test_corrupt_input_makes_the_stage_stale_without_raising(tmp_path, params):
+    run_stage(UP, params, tmp_path)
+    run_stage(DOWN, params, tmp_path)
+    (tmp_path / "artifacts/up" / MANIFEST).unlink()
+    assert fresh_summary(DOWN, params, tmp_path) is None  # never raises: the flow rebuilds up first
+    run_stage(UP, params, tmp_path)
+    assert fresh_summary(DOWN, params, tmp_path) is not None  # same content as before: still cached
+    assert CALLS == ["up", "down", "up"]
+
+
+def test_content_digest_of_json_and_csv_ignores_only_wall_clock(tmp_path):
+    from coalora.artifacts import content_digest, is_wall_clock, sha256_file
+
+    assert is_wall_clock("seconds") and is_wall_clock("eval_seconds_per_row") and is_wall_clock("qlora.seconds")
+    assert not is_wall_clock("secondsish") and not is_wall_clock("steps")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text('{"x": 1, "runs": [{"seconds": 2.0, "loss": 0.5}]}')
+    b.write_text('{"runs": [{"loss": 0.5, "seconds": 7.0}], "x": 1}')
+    assert content_digest(a, sha256_file(a)) == content_digest(b, sha256_file(b))
+    b.write_text('{"runs": [{"loss": 0.6, "seconds": 2.0}], "x": 1}')
+    assert content_digest(a, sha256_file(a)) != content_digest(b, sha256_file(b))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert content_digest(bad, "exact") == "exact"
+
+
+def test_code_change_with_the_same_output_leaves_downstream_cached(tmp_path, params, monkeypatch):
+    """An edit to a stage's code (a comment, a refactoring) re-runs that stage; its output has the same
+    content, so the stages reading it stay cached (stage.json's key is how the folder was made, not content)."""
+    from coalora.stages import core
+
+    run_stage(UP, params, tmp_path)
+    run_stage(DOWN, params, tmp_path)
+    digest = core.code_digest
+    monkeypatch.setattr(core, "code_digest", lambda stage: digest(stage) + ("-edited" if stage is UP else ""))
+    assert fresh_summary(UP, params, tmp_path) is None
+    run_stage(UP, params, tmp_path)
+    assert fresh_summary(DOWN, params, tmp_path) is not None
+    assert CALLS == ["up", "down", "up"]

@@ -352,8 +352,9 @@ def test_train_stage_on_instruction_data(tmp_path, repo_root):
     ({"methods": ["coalora", "lora"]}, "train.methods.1: Input should be 'coalora', 'coalora-frozen', "
                                        "'coalora-random', 'qlora', 'lqlora', 'shared'"),
     ({"target_bits": [1.5, 3.0]}, "train.target_bits: Value error, [1.5] out of range"),
-    ({"target_bits": [2.3, 8.5]}, "train.target_bits: [8.5] outside the pool's bits range"),
-    ({"k": 7}, "train.k: 7 configs per step, but the pool holds only 4"),
+    ({"target_bits": [2.3, 8.5]}, "train.target_bits: [8.5] above allocate.budget_max (7.25)"),
+    ({"target_bits": [2.1, 4.3]}, "train.target_bits: [2.1] outside the pool's bits range"),  # the pool's own
+    ({"k": 7}, "train.k: 7 configs per step, but the pool holds at most 4 (allocate.grid_size)"),
     ({"joint_compute": 0.1}, "train.joint_compute: 0.1 × 3 steps × 2 targets gives coalora less than one step"),
     ({"joint_compute": 0.5}, "search.rounds: 2 proposal rounds need at least 3 training steps"),
 ])

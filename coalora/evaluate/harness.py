@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import shutil
@@ -94,27 +95,43 @@ _PATCH_STATE: dict = {"depth": 0, "saved": None}
 TEMPLATE_CACHE = 1024  # compiled prompt templates kept (a task has a handful; rows reuse them)
 
 
+# lm-eval modules that draw tqdm bars (per task while building requests, per batch of requests)
+_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+def _no_bar(*args, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(*args, **{**kwargs, "disable": True})
+
+
 @contextlib.contextmanager
 def _lm_eval_patches() -> Iterator[None]:
-    """Two costs of ``simple_evaluate`` that are not scoring, removed for the block:
+    """Three things ``simple_evaluate`` does that are not scoring, removed for the block:
 
     * the run metadata it adds about the machine: ``add_env_info`` (torch's collect_env, ~1.8 s per call,
       more than scoring a small model) and ``get_git_commit_hash`` (spawns git); we read only the metrics;
     * ``lm_eval.utils.apply_template`` compiles its Jinja prompt template anew for EVERY document and field
       (``env.from_string``, ~2–5 ms each: tens of seconds per row at thousands of items); the compiled
       template of a given source is the same object every time, so ``from_string`` is memoised by source.
-      Rendering, and so every prompt, is unchanged.
+      Rendering, and so every prompt, is unchanged;
+    * its progress bars (several per row: thousands of lines in a non-interactive log, a scroll of bars on a
+      terminal); the stage reports progress per row instead (coalora.progress).
 
     Task definitions and scoring are untouched. Reference-counted under a lock, so rows scored in parallel
     threads restore lm-eval's functions exactly once, after the last."""
     import lm_eval.evaluator as evaluator
     import lm_eval.utils as utils
 
+    modules = [importlib.import_module(name) for name in _BAR_MODULES]
     with _PATCH_LOCK:
         if _PATCH_STATE["depth"] == 0:
-            _PATCH_STATE["saved"] = evaluator.add_env_info, evaluator.get_git_commit_hash, utils.env.from_string
+            _PATCH_STATE["saved"] = (evaluator.add_env_info, evaluator.get_git_commit_hash, utils.env.from_string,
+                                     [module.tqdm for module in modules])
             evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda storage: None), (lambda: None)
             utils.env.from_string = functools.lru_cache(maxsize=TEMPLATE_CACHE)(utils.env.from_string)
+            for module in modules:
+                module.tqdm = _no_bar
         _PATCH_STATE["depth"] += 1
     try:
         yield
@@ -122,9 +139,11 @@ def _lm_eval_patches() -> Iterator[None]:
         with _PATCH_LOCK:
             _PATCH_STATE["depth"] -= 1
             if _PATCH_STATE["depth"] == 0:
-                evaluator.add_env_info, evaluator.get_git_commit_hash, from_string = _PATCH_STATE["saved"]
+                evaluator.add_env_info, evaluator.get_git_commit_hash, from_string, bars = _PATCH_STATE["saved"]
                 del utils.env.from_string  # the instance attribute; the class's method shows again
                 assert utils.env.from_string == from_string
+                for module, bar in zip(modules, bars):
+                    module.tqdm = bar
 
 
 class Benchmarks:

@@ -134,7 +134,8 @@ def pretrain(model, tokenizer, texts: Sequence[str], p: "BuiltinModelParams", se
         "corpus_tokens", "epochs", "seconds"}``.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from coalora.progress import progress as progress_bar
 
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -144,7 +145,7 @@ def pretrain(model, tokenizer, texts: Sequence[str], p: "BuiltinModelParams", se
     optimizer = torch.optim.AdamW(_param_groups(model, p.weight_decay), lr=p.lr, betas=ADAM_BETAS, eps=1e-8)
     model.train()
     losses: list[float] = []
-    bar = tqdm(range(p.steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(p.steps), desc="pretrain", enabled=progress)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, p)

@@ -151,6 +151,5 @@ STAGE = Stage(
     fn=run,
     params=("seed", "allocate"),
     deps=("calibrate",),
-    code=("coalora/allocate.py", "coalora/space.py", "coalora/calibrate.py", "coalora/stages/allocate.py"),
     description="budgeted integer programs: the initial pool and the common unseen set",
 )

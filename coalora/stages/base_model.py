@@ -137,8 +137,6 @@ STAGE = Stage(
     fn=build_base_model,
     params=("seed", "model", "eval"),
     deps=("data",),
-    code=("coalora/model/__init__.py", "coalora/model/builtin.py", "coalora/model/load.py",
-          "coalora/model/tokenizer.py", "coalora/evaluate", "coalora/stages/base_model.py"),
     metrics=(METRICS,),
     description="the full-precision base model (built-in: tokenizer + pretrained small Llama), with its "
                 "validation perplexity and zero-shot accuracy",

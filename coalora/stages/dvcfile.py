@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import yaml
 
-from coalora.stages.core import ARTIFACTS
+from coalora.stages.core import ARTIFACTS, code_paths
+
+WRAPPER = "bin/coalora-stage"
 
 HEADER = ("# Generated from the stage declarations in coalora/stages/ by `coalora dvc-yaml`; do not edit.\n"
-          "# Each stage runs the same function as the Prefect flow (`coalora run`).\n")
+          "# Each stage runs the same function as the Prefect flow (`coalora run`), through bin/coalora-stage.\n")
 
 
 def dvc_stages() -> dict:
     """``{"stages": {...}, "metrics": [...], "plots": [...]}`` in dvc.yaml's schema.
 
     Metrics and plots are top-level entries (paths inside stage outputs), not stage outputs, because DVC
-    forbids overlapping outputs.
+    forbids overlapping outputs. ``deps`` list the upstream outputs and every source file the stage's key
+    covers (:func:`coalora.stages.core.code_paths`), so DVC and the cache keys agree on what is stale.
     """
     from coalora.stages import STAGES
 
     stages, metrics, plots = {}, [], []
     for stage in STAGES.values():
-        entry = {"cmd": f"coalora stage {stage.name}"}
+        entry = {"cmd": stage_command(stage.name)}
         if stage.description:
             entry["desc"] = stage.description
-        entry["deps"] = [f"{ARTIFACTS}/{dep}" for dep in stage.deps] + list(stage.code)
+        entry["deps"] = [f"{ARTIFACTS}/{dep}" for dep in stage.deps] + list(code_paths(stage))
         entry["params"] = list(stage.params)
-        entry["outs"] = [f"{ARTIFACTS}/{stage.name}"]
+        # persist: DVC would delete the output before running the command, so a command that cannot start
+        # (no Python, a bad parameter) would lose it; stages replace their output atomically themselves.
+        entry["outs"] = [{f"{ARTIFACTS}/{stage.name}": {"persist": True}}]
         stages[stage.name] = entry
         metrics += [f"{ARTIFACTS}/{stage.name}/{name}" for name in stage.metrics]
         plots += plot_entries(stage)
@@ -35,6 +40,12 @@ def dvc_stages() -> dict:
     if plots:
         document["plots"] = plots
     return document
+
+
+def stage_command(name: str) -> str:
+    """The shell command DVC runs for stage ``name``: ``bin/coalora-stage`` finds the project's Python
+    ($COALORA_PYTHON, .venv, python3) so that ``dvc repro`` works with or without an activated venv."""
+    return f"sh {WRAPPER} {name}"
 
 
 def plot_entries(stage) -> list:

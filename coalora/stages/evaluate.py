@@ -229,8 +229,6 @@ STAGE = Stage(
     fn=run,
     params=("seed", "quant", "lora", "eval", "evaluate"),
     deps=DEPS,
-    code=("coalora/evaluate", "coalora/model", "coalora/quant", "coalora/space.py", "coalora/train/bnb.py",
-          "coalora/data/layout.py", "coalora/stages/evaluate.py", "coalora/artifacts.py"),
     metrics=(METRICS,),
     description="every method and the quantized base at the targets, seen and unseen configs, and the reference "
                 "rows: perplexity (named protocol) and lm-eval zero-shot accuracy with per-item results",

@@ -73,7 +73,6 @@ STAGE = Stage(
     fn=run,
     params=("report",),
     deps=("train", "evaluate"),
-    code=("coalora/evaluate", "coalora/pareto.py", "coalora/artifacts.py", "coalora/stages/report.py"),
     metrics=(METRICS,),
     plots=tuple(f"dvc/{method}.csv" for method in PLOT_METHODS),
     description="statistics with paired bootstrap intervals, the claims table, report.md with plots",

@@ -344,8 +344,6 @@ STAGE = Stage(
     fn=run,
     params=("seed", "quant", "lora", "train", "search"),
     deps=("data", "base_model", "allocate"),
-    code=("coalora/train", "coalora/search", "coalora/pareto.py", "coalora/model", "coalora/quant",
-          "coalora/space.py", "coalora/stages/train.py"),
     metrics=(METRICS,),
     description="CoA-LoRA and the baselines trained for the same target configs (checkpointed, resumable)",
     extra={"data_parallel": True},  # runs under `accelerate launch` (coalora.parallel)

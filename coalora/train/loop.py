@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from coalora import parallel
 from coalora.errors import UserError
+from coalora.progress import progress
 from coalora.space import Config
 from coalora.train import checkpoint as ckpt
 from coalora.train.batches import IGNORE, Batches
@@ -165,8 +165,7 @@ class Trainer:
         self.check_pool(pool)  # before any work
         self.pool_ids = [c.id for c in pool]
         self.model.train()
-        bar = tqdm(total=end_step, initial=self.step, desc=self.desc, disable=not self.progress,
-                   dynamic_ncols=True, leave=False)
+        bar = progress(total=end_step, initial=self.step, desc=self.desc, enabled=self.progress)
         running = None
         try:
             while self.step < end_step:
