@@ -13,7 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+from coalora import interrupt
 from coalora.errors import UserError
+from coalora.interrupt import Interrupted
 
 
 def _params(args):
@@ -51,10 +53,12 @@ def cmd_stage(args) -> int:
     from coalora.env import configure
 
     configure(args.root)
-    from coalora import parallel
+    from coalora import interrupt, lock, parallel
     from coalora.stages import get_stage, run_stage
 
-    summary = run_stage(get_stage(args.name), params, args.root, force=args.force)
+    stage = get_stage(args.name)
+    with lock.acquire(args.root, f"coalora stage {args.name}"), interrupt.handling():
+        summary = run_stage(stage, params, args.root, force=args.force)
     if parallel.is_main():  # under `accelerate launch`: printed once
         print(json.dumps(summary, indent=2, sort_keys=True))
     parallel.finish()
@@ -79,13 +83,21 @@ def cmd_run(args) -> int:
     if args.dask_workers is not None and args.dask_workers < 1:
         raise UserError(f"--dask-workers: {args.dask_workers}; give a number of worker processes >= 1")
     configure(args.root)
-    if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
-        return 0
-    del params
-    from flows.pipeline import run_pipeline
+    from coalora import interrupt, lock
 
-    result = run_pipeline(str(Path(args.root).resolve()), args.profile, selected, track=not args.no_track,
-                          dask=args.dask, dask_address=args.dask_address, dask_workers=args.dask_workers)
+    with lock.acquire(args.root, "coalora run"), interrupt.handling():
+        if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
+            return 0
+        del params
+        from flows.server import api_server
+
+        with api_server():  # before Prefect is imported: it reads the server's address from the environment
+            from flows.pipeline import run_pipeline
+
+            # the flow in a worker thread: the main thread takes SIGINT/SIGTERM (coalora.interrupt)
+            result = interrupt.in_thread(
+                run_pipeline, str(Path(args.root).resolve()), args.profile, selected, track=not args.no_track,
+                dask=args.dask, dask_address=args.dask_address, dask_workers=args.dask_workers)
     for name, outcome in result["stages"].items():
         _print_stage(name, outcome["state"], outcome["summary"])
     print(f"artifacts: {Path(args.root).resolve() / 'artifacts'}")
@@ -140,9 +152,11 @@ def cmd_track(args) -> int:
     from coalora.env import configure
 
     configure(args.root)
+    from coalora import interrupt, lock
     from coalora.track import log_pipeline
 
-    tracked = log_pipeline(args.root, args.profile, experiment=args.experiment)
+    with lock.acquire(args.root, "coalora track"), interrupt.handling():
+        tracked = log_pipeline(args.root, args.profile, experiment=args.experiment)
     _print_report(Path(args.root).resolve(), {"run_id": tracked.run_id, "tracking_uri": tracked.tracking_uri,
                                               "url": tracked.url()})
     return 0
@@ -363,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"coalora: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Interrupted as exc:  # SIGINT/SIGTERM under a handler: one line, its processes stopped, 130/143
+        interrupt.hard_stop(exc.signum)
     except KeyboardInterrupt:
         print("coalora: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
