@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from coalora import interrupt
 from coalora.artifacts import read_json, write_json
 from coalora.errors import ArtifactError, UserError
 from coalora.quant import QuantSpec, all_specs, dequantize_parts, quantize_parts
@@ -125,6 +126,7 @@ def fisher_diagonals(model: torch.nn.Module, sequences: torch.Tensor, layers: La
             w.requires_grad_(True)
         starts = range(0, len(sequences), batch_size)
         for start in tqdm(starts, desc="fisher", unit="batch", disable=not progress):
+            interrupt.check()
             ids = sequences[start:start + batch_size].to(device)
             sequence_losses(model, ids).sum().backward()
             for w in weights.values():
@@ -199,6 +201,7 @@ def cost_tables(model: torch.nn.Module, layers: Layers, fisher: dict[str, torch.
     weights = model_weights(model, layers)
     tables = {name: torch.empty(len(layers), len(specs), dtype=torch.float64) for name in names}
     for i, layer in enumerate(tqdm(list(layers), desc="cost table", unit="layer", disable=not progress)):
+        interrupt.check()
         with _threads_for(weights[layer]):
             rows = layer_costs(weights[layer], [None] if fisher is None else [None, fisher[layer]], specs)
         for k, name in enumerate(names):

@@ -136,6 +136,8 @@ def pretrain(model, tokenizer, texts: Sequence[str], p: "BuiltinModelParams", se
     import torch
     from tqdm.auto import tqdm
 
+    from coalora import interrupt
+
     started = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -146,6 +148,7 @@ def pretrain(model, tokenizer, texts: Sequence[str], p: "BuiltinModelParams", se
     losses: list[float] = []
     bar = tqdm(range(p.steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
     for step in bar:
+        interrupt.check()  # a stop request ends pretraining here, between steps
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, p)
         batch = next(batches)                                                 # (B, T)

@@ -32,6 +32,7 @@ import logging
 import os
 from pathlib import Path
 
+from coalora import interrupt
 from coalora.artifacts import content_id, folder_digest, read_json, write_json, write_text_atomic
 from coalora.errors import UserError
 from coalora.params import Params
@@ -107,6 +108,7 @@ def _score(params: Params, ctx: StageContext, job, scorer: _Scorer) -> dict:
     path = ctx.work / ROWS / f"{job.id}.json"
     if (row := _intact(path, key)) is not None:
         return row
+    interrupt.check()  # a stop request ends the stage between rows; finished rows stay in the work folder
     row = scorer(job)
     write_json(path, {"key": key, "row": row})
     log.info("evaluate %s: %.3f bits %s, ppl %.3f, acc %.4f (%.1f s)", job.id, row["bits"], row["set"],
