@@ -75,6 +75,12 @@ class Observer:
         self.root, self.log, self.upstream = root, log, upstream
         self.events: dict[str, float] = {"start": 0.0}
         self._offset, self._tail = 0, ""
+        self._progress: dict[str, int] = {}   # progress bar → highest percentage seen
+        self._old_checkpoints = set(self._checkpoints())  # left by an earlier run: not this run's progress
+        self._new_checkpoints: set[Path] = set()
+
+    def _checkpoints(self) -> list[Path]:
+        return list((self.root / "artifacts" / ".work" / "train").glob("*/*/step-*"))
 
     def observe(self, t: float) -> None:
         art, state = self.root / "artifacts", self.root / ".coalora"
@@ -84,13 +90,22 @@ class Observer:
             if stage not in self.upstream:
                 self._mark(t, f"done:{stage}", lambda s=stage: (art / s / "stage.json").exists())
         self._mark(t, "checkpoint", lambda: _exists(art, ".work/train/*/*/step-*"))
+        self._new_checkpoints |= set(self._checkpoints()) - self._old_checkpoints
+        self._mark(t, f"checkpoints:{len(self._new_checkpoints)}", lambda: bool(self._new_checkpoints))
         self._mark(t, "row", lambda: _exists(art, ".work/evaluate/rows/*.json"))
+        rows = len(list(art.glob(".work/evaluate/rows/*.json")))
+        self._mark(t, f"rows:{rows}", lambda: rows > 0)
         self._mark(t, "mlflow:init", lambda: _exists(state, ".mlflow.db.init-*"))
         self._mark(t, "mlflow:store", lambda: (state / "mlflow.db").exists())
         self._mark(t, "mlflow:logging", lambda: _exists(state, "mlartifacts/*/*/artifacts/*"))
         text = self._new_log()
         for name, pattern in LOG_EVENTS.items():
             self._mark(t, name, lambda p=pattern: re.search(p, text) is not None)
+        for bar, percent in PROGRESS.findall(text):  # tqdm redraws: "pretrain:  45%|████▌  | 9/20 ..."
+            bar = bar.strip()
+            self._progress[bar] = max(self._progress.get(bar, 0), int(percent))
+            for step in range(5, self._progress[bar] + 1, 5):  # "<bar>:<p>%" = at least p percent done
+                self._mark(t, f"{bar}:{step}%", lambda: True)
 
     def _mark(self, t: float, name: str, happened) -> None:
         if name not in self.events and happened():
@@ -113,7 +128,9 @@ class Observer:
 LOG_EVENTS = {  # events read from the run's log
     "search:round1": r"coalora round 1 at step",
     "search:round2": r"coalora round 2 at step",
+    "lm-eval": r"Running loglikelihood requests",
 }
+PROGRESS = re.compile(r"([^\r\n:|]+):\s+(\d+)%\|")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,35 +185,46 @@ def _in(stage: str, name: str, *fractions: float) -> list[Trial]:
             for f in fractions]
 
 
-N_UPTO_TRAIN = STAGES.index("train") + 1
+def _at(event: str, category: str, name: str, last: str | None = None) -> Trial:
+    """A trial killing once ``event`` happens, its category's upstream stages copied."""
+    last = last or category.split(":")[0]
+    return Trial(name, category, (Point(event),), last, STAGES.index(last))
+
+
+# Kill points inside a stage are its own progress where it shows any (progress bars, checkpoints, rows), so
+# they land where aimed however loaded the machine; elsewhere a fraction of the span the reference measured.
+TRAIN = STAGES.index("train")
 TRIALS = [
     Trial("server-start", "Prefect server start", (Point("start", "server", 1.0),), "data"),
-    Trial("server-migrate", "Prefect server start", (Point("server", "run:data", 0.5),), "data"),
+    Trial("server-migrate", "Prefect server start", (Point("server", "run:data", 0.3),), "data"),
     *_in("data", "data", 0.0, 0.6),
-    *_in("base_model", "base", 0.15, 0.5, 0.9),
-    *_in("calibrate", "calibrate", 0.5),
+    _at("pretrain:15%", "base_model", "base-pretrain-15"),
+    _at("pretrain:60%", "base_model", "base-pretrain-60"),
+    _at("lm-eval", "base_model", "base-eval"),
+    _at("cost table:50%", "calibrate", "calibrate-costs-50"),
     *_in("allocate", "allocate", 0.3, 0.85),
-    Trial("train-ckpt", "train", (Point("checkpoint"),), "train", STAGES.index("train")),
-    *_in("train", "train", 0.3, 0.6, 0.95),
-    Trial("search-1", "train: search round", (Point("checkpoint", "search:round1", 0.97),), "train",
-          STAGES.index("train")),
-    Trial("search-2", "train: search round", (Point("search:round1", "search:round2", 0.97),), "train",
-          STAGES.index("train")),
-    Trial("evaluate-row", "evaluate", (Point("row"),), "evaluate", STAGES.index("evaluate")),
-    *_in("evaluate", "evaluate", 0.5, 0.9),
+    _at("checkpoints:1", "train", "train-ckpt"),
+    _at("coalora joint:25%", "train", "train-coalora-25"),
+    _at("coalora-random joint:75%", "train", "train-random-75"),
+    _at("shared joint:50%", "train", "train-shared-50"),
+    # coalora's search rounds run when its bar reaches their step (rounds at 50% and 100%)
+    _at("coalora joint:50%", "train: search round", "search-1"),
+    _at("coalora joint:100%", "train: search round", "search-2"),
+    _at("rows:1", "evaluate", "evaluate-row-1"),
+    _at("rows:12", "evaluate", "evaluate-row-12"),
+    _at("rows:22", "evaluate", "evaluate-row-22"),
     *_in("report", "report", 0.5),
     # every stage copied: `coalora run` finds them up to date and only creates the store and logs to it
-    Trial("mlflow-store", "MLflow store creation", (Point("mlflow:init", "mlflow:store", 0.3),), "train",
-          N_UPTO_TRAIN),
+    Trial("mlflow-store", "MLflow store creation", (Point("mlflow:init", "mlflow:store", 0.3),), "train", TRAIN + 1),
     Trial("mlflow-store-late", "MLflow store creation", (Point("mlflow:init", "mlflow:store", 0.9),), "train",
-          N_UPTO_TRAIN),
+          TRAIN + 1),
     Trial("mlflow-log", "MLflow logging", (Point("mlflow:logging", "end", 0.2),), "report", len(STAGES)),
     Trial("mlflow-log-late", "MLflow logging", (Point("mlflow:logging", "end", 0.8),), "report", len(STAGES)),
     # after the report stage, inside the flow (Prefect's tracking task)
     Trial("mlflow-log-flow", "MLflow logging", (Point("mlflow:logging", "end", 0.4),), "report",
           STAGES.index("report")),
-    Trial("again-3", "repeated kills", (_span("base_model", 0.5), Point("checkpoint"), Point("row"))),
-    Trial("again-same-5", "repeated kills", (_span("train", 0.5),) * 5, "train", STAGES.index("train")),
+    Trial("again-3", "repeated kills", (Point("pretrain:50%"), Point("checkpoints:1"), Point("rows:1"))),
+    Trial("again-same-5", "repeated kills", (Point("checkpoints:1"),) * 5, "train", TRAIN),
 ]
 
 
@@ -429,9 +457,13 @@ def kill_offset(point: Point, timeline: dict[str, float]) -> float:
     return max(0.0, point.fraction * (timeline[point.until] - timeline[point.anchor]))
 
 
-def where(events: dict[str, float], killed_at: float) -> str:
-    """The last event before the kill: where the run was."""
-    before = [(t, name) for name, t in events.items() if t <= killed_at and name != "start"]
+PROGRESS_EVENT = re.compile(r"%$|^rows:|^checkpoints:|^lm-eval$")
+
+
+def where(events: dict[str, float], killed_at: float, progress: bool = False) -> str:
+    """The last event before the kill: where the run was (a stage's progress events only if ``progress``)."""
+    before = [(t, name) for name, t in events.items()
+              if t <= killed_at and name != "start" and (progress or not PROGRESS_EVENT.search(name))]
     return max(before)[1] if before else "start"
 
 
@@ -452,7 +484,8 @@ def run_trial(trial: Trial, reference: Path, timeline: dict[str, float], want: d
                                       f"+ {offset:.1f} s")
             break
         record["kills"].append({"at": round(killed.killed_at, 2), "after": point.anchor, "offset": round(offset, 2),
-                                "where": where(killed.events, killed.killed_at)})
+                                "where": where(killed.events, killed.killed_at),
+                                "last": where(killed.events, killed.killed_at, progress=True)})
         finished_before_kill |= {name.split(":")[1] for name in killed.events if name.startswith("done:")}
         if left := leftovers(mark):
             record["problems"].append(f"kill {i}: processes outlived the killed run: {left}")
@@ -566,7 +599,8 @@ def write_report(records: list[dict], path: Path, command: str, seconds: float, 
         "|---|---|---|---:|---|---|---|",
     ]
     for r in sorted(records, key=_order):
-        where_ = "; ".join(f"{k['at']:.1f}: {k['where']}" for k in r["kills"]) or "-"
+        where_ = "; ".join(f"{k['at']:.1f}: {k['where']}" + (f" ({k['last']})" if k.get("last", k["where"]) !=
+                                                             k["where"] else "") for k in r["kills"]) or "-"
         problems = "; ".join(r["problems"]).replace("|", "/") or "-"
         notes = "; ".join(r.get("notes", [])).replace("|", "/") or "-"
         lines.append(f"| {r['trial']} | {r['category']} | {where_} | {r.get('final_seconds', 0):.0f} | "
@@ -600,8 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     last = max((STAGES.index(t.last) for t in chosen), default=0)
     reference, timeline, want = reference_run(workdir, STAGES[:last + 1])
-    print(f"reference: {timeline['end']:.0f} s; events: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(timeline.items(), key=lambda kv: kv[1])), flush=True)
+    print(f"reference: {timeline['end']:.0f} s; events: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in sorted(timeline.items(), key=lambda kv: kv[1]) if not PROGRESS_EVENT.search(k)),
+        flush=True)
     records = []
     for trial in chosen:
         record = run_trial(trial, reference, timeline, want, workdir)
