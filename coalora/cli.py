@@ -229,9 +229,12 @@ def cmd_study(args) -> int:
     from coalora.env import configure
 
     configure(args.root)
+    from coalora import lock
     from coalora.study import run_study, study_dir
 
-    run_study(Path(args.root), params, args.name)
+    # a study reads the pipeline's outputs and trains for long: one run per project, stoppable like a run
+    with lock.acquire(args.root, f"coalora study {args.name}"), interrupt.handling():
+        run_study(Path(args.root), params, args.name)
     print(f"report: {study_dir(Path(args.root), args.name) / 'report.md'}")
     return 0
 

@@ -138,7 +138,14 @@ def eval_workers(n_jobs: int) -> int:
 
 
 def _worker_init(params: dict, ctx: dict) -> None:
-    """A scoring process: params and context rebuilt from JSON-able values (nothing pickled but those)."""
+    """A scoring process: params and context rebuilt from JSON-able values (nothing pickled but those).
+
+    It ignores Ctrl-C: the terminal sends it to the whole process group, and the stage's own process stops
+    the scoring (coalora.interrupt), which ends these processes; each would otherwise print a traceback.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _WORKER
     params_ = Params.model_validate(params)
     context = StageContext(root=Path(ctx["root"]), out=Path(ctx["out"]), work=Path(ctx["work"]),
@@ -163,8 +170,13 @@ def _score_in_processes(params: Params, ctx: StageContext, jobs: list, workers: 
     log.info("evaluate: %d rows on %d processes", len(jobs), workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
                              initargs=(params.model_dump(mode="json"), state)) as pool:
-        for done, line in enumerate(pool.map(_worker_score, [job.id for job in jobs]), 1):
-            log.info("evaluate %d/%d %s", done, len(jobs), line)
+        try:
+            for done, line in enumerate(pool.map(_worker_score, [job.id for job in jobs]), 1):
+                log.info("evaluate %d/%d %s", done, len(jobs), line)
+                interrupt.check()  # stopped: the rows scored so far stay in the work folder
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # rows not yet started are not started
+            raise
 
 
 def run(params: Params, ctx: StageContext) -> dict:
