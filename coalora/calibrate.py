@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from coalora import interrupt
 from coalora.artifacts import read_json, write_json
 from coalora.errors import ArtifactError, UserError
 from coalora.progress import progress as progress_bar
@@ -134,6 +135,7 @@ def fisher_diagonals(model: torch.nn.Module, sequences: torch.Tensor, layers: La
             w.requires_grad_(True)
         starts = range(0, len(sequences), batch_size)
         for start in progress_bar(starts, desc="fisher", unit="batch", enabled=progress):
+            interrupt.check()
             ids = sequences[start:start + batch_size].to(device)
             sequence_losses(model, ids).sum().backward()
             for w in weights.values():
@@ -344,6 +346,7 @@ def cost_tables(model: torch.nn.Module, layers: Layers, fisher: dict[str, torch.
     tables = {name: torch.empty(len(layers), len(specs), dtype=torch.float64) for name in names}
 
     def one(i: int, layer: str) -> None:
+        interrupt.check()
         rows = layer_costs(weights[layer], [None] if fisher is None else [None, fisher[layer]], specs,
                            sample_weights, seed * 1_000_003 + i)
         for k, name in enumerate(names):

@@ -13,7 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+from coalora import interrupt
 from coalora.errors import UserError, file_error
+from coalora.interrupt import Interrupted
 
 
 def _params(args):
@@ -56,7 +58,7 @@ def _project_checks(args, params, stages) -> None:
 def cmd_stage(args) -> int:
     params = _params(args)  # validate before anything is imported, started or written
     _preflight(params, args)
-    from coalora import parallel
+    from coalora import interrupt, lock, parallel
     from coalora.checks import check_writable
     from coalora.env import configure
     from coalora.progress import quiet_libraries
@@ -66,10 +68,11 @@ def cmd_stage(args) -> int:
     check_writable(args.root)
     configure(args.root, create=False)
     quiet_libraries()
-    if args.force or fresh_summary(stage, params, args.root) is None:
-        _project_checks(args, params, [stage])
-    configure(args.root)
-    summary = run_stage(stage, params, args.root, force=args.force)
+    with lock.acquire(args.root, f"coalora stage {args.name}"), interrupt.handling():
+        if args.force or fresh_summary(stage, params, args.root) is None:
+            _project_checks(args, params, [stage])
+        configure(args.root)
+        summary = run_stage(stage, params, args.root, force=args.force)
     if parallel.is_main():  # under `accelerate launch`: printed once
         print(json.dumps(summary, indent=2, sort_keys=True))
     parallel.finish()
@@ -95,25 +98,33 @@ def cmd_run(args) -> int:
         raise UserError(f"--dask-workers: {args.dask_workers}; give a number of worker processes >= 1")
     if args.dask_address:
         _check_dask_address(args.dask_address)
+    from coalora import interrupt, lock
     from coalora.checks import check_writable
     from coalora.progress import quiet_libraries
 
     check_writable(args.root)
     configure(args.root, create=False)
     quiet_libraries()
-    if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
-        return 0
-    from coalora.stages import fresh_summary, get_stage
 
-    to_run = [get_stage(name) for name in selected if fresh_summary(get_stage(name), params, args.root) is None]
-    _project_checks(args, params, to_run)
-    configure(args.root)
-    del params
-    _quiet_prefect_for_user_errors(args.verbose)
-    from flows.pipeline import run_pipeline
+    with lock.acquire(args.root, "coalora run"), interrupt.handling():
+        if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
+            return 0
+        from coalora.stages import fresh_summary, get_stage
 
-    result = run_pipeline(str(Path(args.root).resolve()), args.profile, selected, track=not args.no_track,
-                          dask=args.dask, dask_address=args.dask_address, dask_workers=args.dask_workers)
+        to_run = [get_stage(name) for name in selected if fresh_summary(get_stage(name), params, args.root) is None]
+        _project_checks(args, params, to_run)
+        configure(args.root)
+        del params
+        _quiet_prefect_for_user_errors(args.verbose)
+        from flows.server import api_server
+
+        with api_server():  # before Prefect is imported: it reads the server's address from the environment
+            from flows.pipeline import run_pipeline
+
+            # the flow in a worker thread: the main thread takes SIGINT/SIGTERM (coalora.interrupt)
+            result = interrupt.in_thread(
+                run_pipeline, str(Path(args.root).resolve()), args.profile, selected, track=not args.no_track,
+                dask=args.dask, dask_address=args.dask_address, dask_workers=args.dask_workers)
     for name, outcome in result["stages"].items():
         _print_stage(name, outcome["state"], outcome["summary"])
     print(f"artifacts: {Path(args.root).resolve() / 'artifacts'}")
@@ -215,9 +226,11 @@ def cmd_track(args) -> int:
     from coalora.env import configure
 
     configure(args.root)
+    from coalora import interrupt, lock
     from coalora.track import log_pipeline
 
-    tracked = log_pipeline(args.root, args.profile, experiment=args.experiment)
+    with lock.acquire(args.root, "coalora track"), interrupt.handling():
+        tracked = log_pipeline(args.root, args.profile, experiment=args.experiment)
     _print_report(Path(args.root).resolve(), {"run_id": tracked.run_id, "tracking_uri": tracked.tracking_uri,
                                               "url": tracked.url()})
     return 0
@@ -290,9 +303,12 @@ def cmd_study(args) -> int:
     from coalora.env import configure
 
     configure(args.root)
+    from coalora import lock
     from coalora.study import run_study, study_dir
 
-    run_study(Path(args.root), params, args.name)
+    # a study reads the pipeline's outputs and trains for long: one run per project, stoppable like a run
+    with lock.acquire(args.root, f"coalora study {args.name}"), interrupt.handling():
+        run_study(Path(args.root), params, args.name)
     print(f"report: {study_dir(Path(args.root), args.name) / 'report.md'}")
     return 0
 
@@ -446,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("coalora").debug("details", exc_info=True)
         print(f"coalora: error: {message}", file=sys.stderr)
         return UserError.exit_code
+    except Interrupted as exc:  # SIGINT/SIGTERM under a handler: one line, its processes stopped, 130/143
+        interrupt.hard_stop(exc.signum)
     except KeyboardInterrupt:
         print("coalora: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -28,10 +28,12 @@ import os
 import re
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from coalora import interrupt
 from coalora.artifacts import MANIFEST, RECORD, read_json
 from coalora.env import state_dir
 from coalora.errors import UserError
@@ -86,8 +88,92 @@ def _client(root: Path | str):
 
     uri = tracking_uri(root)
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        ensure_store(Path(uri.removeprefix("sqlite:///")), artifact_root(root))
     return MlflowClient(tracking_uri=uri), uri
+
+
+def ensure_store(db: Path, artifacts: Path) -> None:
+    """Make ``db`` a complete MLflow SQLite store, built so that a kill can never leave it half-made.
+
+    MLflow creates a new store by running its schema migrations one by one; killed in between, the file is
+    left half-migrated and every later open fails (``table scorers already exists``). So a new store is
+    created and migrated under a temporary name (``.mlflow.db.init-<pid>``) and renamed into place whole.
+    A store found at another schema revision holding no runs (left half-made by an older version, or by a
+    killed ``mlflow db upgrade``) is moved aside (``mlflow.db.broken-<time>``) with a warning and made
+    anew; one holding runs is never touched: a UserError says what to do. Temporary stores of dead
+    processes are removed.
+    """
+    db.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_inits(db)
+    if db.exists():
+        revision, head = _schema_revision(db), _head_revision()
+        if revision == head:
+            return
+        runs = _count_runs(db)
+        if runs:
+            raise UserError(f"tracking: the MLflow store {db} is at schema revision {revision}, not {head} (the "
+                            f"installed MLflow's), and holds {runs} runs: back it up and run `mlflow db upgrade "
+                            f"sqlite:///{db}`, or move it away to start a new store, or run with --no-track")
+        aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(db, aside)
+        log.warning("tracking: %s was half-made (schema revision %s of %s, no runs: a migration was "
+                    "interrupted); moved it to %s and made a new store", db, revision, head, aside)
+    tmp = db.with_name(f".{db.name}.init-{os.getpid()}")
+    _sqlite_files(tmp, unlink=True)
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    uri = f"sqlite:///{tmp}"
+    store = SqlAlchemyStore(uri, artifacts.as_uri())  # runs every migration
+    store.engine.dispose()  # closes the file: nothing still writes it when it is renamed
+    SqlAlchemyStore._engine_map.pop(uri, None)  # MLflow caches engines by URI; this one has done its work
+    os.replace(tmp, db)
+    _sqlite_files(tmp, unlink=True)
+
+
+def _sqlite_files(db: Path, unlink: bool = False) -> list[Path]:
+    """The database file and SQLite's journal files beside it (optionally removed)."""
+    found = [db.with_name(db.name + s) for s in ("", "-journal", "-wal", "-shm") if db.with_name(db.name + s).exists()]
+    for path in found if unlink else ():
+        path.unlink(missing_ok=True)
+    return found
+
+
+def _remove_dead_inits(db: Path) -> None:
+    """Remove ``.mlflow.db.init-<pid>*`` files of processes that no longer run (killed while creating it)."""
+    from coalora.processes import alive
+
+    for path in db.parent.glob(f".{db.name}.init-*"):
+        pid = path.name.removeprefix(f".{db.name}.init-").split("-")[0]
+        if pid.isdigit() and not alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _head_revision() -> str:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
+def _schema_revision(db: Path) -> str | None:
+    """The store's alembic revision (None: no revision recorded, e.g. killed before the first migration)."""
+    import sqlite3
+
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
+        try:
+            row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+        except sqlite3.DatabaseError:
+            return None
+    return row[0] if row else None
+
+
+def _count_runs(db: Path) -> int:
+    import sqlite3
+
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
+        try:
+            return int(connection.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+        except sqlite3.DatabaseError:
+            return 0
 
 
 def experiment_id(client, name: str, root: Path | str, uri: str) -> str:
@@ -395,6 +481,7 @@ def log_stage(client, exp_id: str, parent_id: str, stage, params, root: Path,
             log_metrics(client, run_id, numbers(flatten(values)))
     methods = method_folders(folder) if stage.name == "train" else {}
     for path in stage_files(folder, skip=methods.values()):
+        interrupt.check()
         client.log_artifact(run_id, str(path), _artifact_dir(path.relative_to(folder)))
     tables = configuration_tables(folder)
     for path, rows in tables.items():
@@ -502,6 +589,7 @@ def log_pipeline(root: Path | str, profile: str | None = None, outcome: dict | N
         raise UserError(f"track: no stage output under {root / 'artifacts'}; run `coalora run` first")
     client, uri = _client(root)
     exp_id = experiment_id(client, experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT, root, uri)
+    close_abandoned(client, exp_id, root)
     name = run_name or f"pipeline {profile or 'default'} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}"
     parent = client.create_run(exp_id, run_name=name, tags={
         "coalora.kind": "pipeline", "coalora.root": str(root), "coalora.profile": profile or "",
@@ -514,6 +602,7 @@ def log_pipeline(root: Path | str, profile: str | None = None, outcome: dict | N
         if (root / "dvc.lock").is_file():
             client.log_artifact(parent_id, str(root / "dvc.lock"))
         for stage in stages:
+            interrupt.check()  # a stop request ends logging between stages; the run is marked FAILED
             _, tables = log_stage(client, exp_id, parent_id, stage, params, root, states.get(stage.name))
             log_headline(client, parent_id, stage, root, tables)
     except BaseException:
@@ -524,6 +613,30 @@ def log_pipeline(root: Path | str, profile: str | None = None, outcome: dict | N
     tracked = TrackedRun(parent_id, exp_id, uri)
     remember(root, [s.name for s in stages], tracked)
     return tracked
+
+
+def close_abandoned(client, exp_id: str, root: Path) -> int:
+    """Mark KILLED the runs of this project still RUNNING: a killed ``coalora run`` left them so.
+
+    Called while holding the project's lock (coalora.lock), when no other run of this project can be logging.
+    Returns how many runs (pipeline runs and the stage and method runs under them) were closed.
+    """
+    closed = 0
+    queue = [run.info.run_id for run in client.search_runs(
+        [exp_id], filter_string=f"tags.`coalora.root` = '{_quoted(str(root))}' and attributes.status = 'RUNNING'")]
+    while queue:
+        run_id = queue.pop()
+        children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+        queue += [child.info.run_id for child in children if child.info.status == "RUNNING"]
+        client.set_terminated(run_id, "KILLED")
+        closed += 1
+    if closed:
+        log.warning("tracking: marked %d MLflow runs left RUNNING by an interrupted run as KILLED", closed)
+    return closed
+
+
+def _quoted(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 # ---------------------------------------------------------------------------------------------------------

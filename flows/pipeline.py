@@ -14,6 +14,7 @@ workers; the stage task then finds the finished rows in its work folder and only
 
 from __future__ import annotations
 
+import functools
 from importlib import import_module
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from prefect import flow
 from prefect.futures import wait
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+from coalora import lock
 from coalora.params import load_params
 from coalora import stages as registry
 from coalora.stages import fresh_summary, get_stage
@@ -30,7 +32,22 @@ from tasks.stages import job_ids, job_task, stage_task, track_task
 FLOW_NAME = "coalora-pipeline"
 
 
+def one_run_per_project(fn):
+    """Run the flow holding the project's lock (coalora.lock): ``coalora run`` holds it already (the lock is
+    re-entrant within a process); a scheduled run (``coalora serve``) takes it here, or fails with a message
+    naming the process that holds it."""
+
+    @functools.wraps(fn)  # Prefect reads the flow's parameters from the wrapped signature
+    def locked(*args, **kwargs):
+        root = kwargs["root"] if "root" in kwargs else (args[0] if args else ".")
+        with lock.acquire(root, f"flow {FLOW_NAME}"):
+            return fn(*args, **kwargs)
+
+    return locked
+
+
 @flow(name=FLOW_NAME, validate_parameters=True)
+@one_run_per_project
 def pipeline(root: str = ".", profile: str | None = None, stages: list[str] | None = None,
              track: bool = False, fan_out_jobs: bool = False) -> dict:
     """Run ``stages`` (default: all, in pipeline order) of the project at ``root``; log to MLflow if ``track``.

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from coalora import interrupt
 from coalora.errors import UserError
 from coalora.params import load_params
 from coalora.stages import get_stage, run_stage, stage_key
@@ -43,6 +44,7 @@ def retry_unless_user_error(_task: Any, _run: Any, state: Any) -> bool:
 )
 def stage_task(name: str, root: str, profile: str | None) -> dict:
     """Run stage ``name`` of the project at ``root`` and return its summary."""
+    interrupt.check()  # asked to stop between two stages: start no new one
     return run_stage(get_stage(name), load_params(root, profile), root)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Sequence
 
+from coalora import interrupt
 from coalora.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,6 +80,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], seq_len: int, max_windows
     try:
         with torch.no_grad():
             for start in range(0, len(windows), batch_size):
+                interrupt.check()
                 batch = windows[start:start + batch_size].to(device)        # (B, T)
                 logits = model(input_ids=batch).logits[:, :-1].float()      # (B, T-1, V)
                 targets = batch[:, 1:]                                      # (B, T-1)

@@ -137,6 +137,8 @@ def pretrain(model, tokenizer, texts: Sequence[str], p: "BuiltinModelParams", se
 
     from coalora.progress import progress as progress_bar
 
+    from coalora import interrupt
+
     started = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -147,6 +149,7 @@ def pretrain(model, tokenizer, texts: Sequence[str], p: "BuiltinModelParams", se
     losses: list[float] = []
     bar = progress_bar(range(p.steps), desc="pretrain", enabled=progress)
     for step in bar:
+        interrupt.check()  # a stop request ends pretraining here, between steps
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, p)
         batch = next(batches)                                                 # (B, T)

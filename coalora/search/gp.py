@@ -9,6 +9,12 @@ where bits(x) is the exact linear function of the encoding (``encoding.bits_of``
 standardised, homoscedastic noise inferred: f1 is re-measured on a small slice with a moving adapter,
 so it is noisy). The two are a ``ModelList``; qLogNEHVI integrates over the GP's uncertainty at the seen
 configs as well (noisy observations), with a seeded quasi-MC sampler.
+
+botorch 0.18 would compile a fused C++ kernel for this acquisition on first use, into the user-wide
+``~/.cache/torch_extensions`` under a lock file that a killed run leaves behind for good (every later run
+then waits on it forever), with ``-march=native`` (numbers that depend on the machine). coalora keeps
+botorch's pure-PyTorch path (:func:`use_python_kernel`): no compiler, no lock, no process to outlive a
+run, the same proposals; benchmarks/fused_kernel.md measures what it costs.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from coalora import interrupt
 from coalora.search.encoding import bits_of
 
 BITS_SCALE = 8.0  # objectives are (bits/8, f1/f1_scale): both of order 1, as the HV reference expects
@@ -53,11 +60,25 @@ def objective_model(gp, weights: torch.Tensor):
     return ModelList(bits, gp)
 
 
+def use_python_kernel() -> None:
+    """Make botorch's qLog(N)EHVI use its pure-PyTorch path: never compile or load the fused C++ kernel.
+
+    botorch loads the kernel once per process, when ``_load_attempted`` is still False; marking the
+    attempt as made (and dropping a kernel loaded already) leaves the pure path, which it documents as the
+    fallback with identical results.
+    """
+    from botorch.acquisition.multi_objective import logei
+
+    logei._C = None
+    logei._load_attempted = True
+
+
 def log_nehvi(model, x_seen: torch.Tensor, reference: Sequence[float], mc_samples: int, seed: int):
     """qLogNEHVI over the seen configs as the noisy baseline; ``reference`` in minimised units."""
     from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
     from botorch.sampling.get_sampler import get_sampler
 
+    use_python_kernel()
     ref = -torch.as_tensor(reference, dtype=torch.float64)
     # a ModelList of a deterministic and a GP model has a PosteriorList; get_sampler builds its ListSampler
     sampler = get_sampler(model.posterior(x_seen[:1]), torch.Size([mc_samples]), seed=seed)
@@ -76,6 +97,7 @@ def greedy_choice(acq, candidates: torch.Tensor, q: int, chunk: int = 256) -> li
     """
     chosen: list[int] = []
     for _ in range(min(q, len(candidates))):
+        interrupt.check()
         values = torch.cat([acq(part.unsqueeze(1)) for part in candidates.split(chunk)])  # (M,)
         values[chosen] = -torch.inf
         best = int(torch.argmax(values))

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from coalora import interrupt
 from coalora.allocate import allocate_budget, budget_range, random_at_budget
 from coalora.artifacts import write_text_atomic
 from coalora.calibrate import CostTable
@@ -43,6 +44,7 @@ def _milp_configs(table: CostTable, budgets: list[float], cost: np.ndarray, bpp:
     """One integer program per budget; (configs, seconds per solve). ``gap``: the proven optimality gap."""
     configs, seconds = [], []
     for budget in budgets:
+        interrupt.check()
         started = time.perf_counter()
         result = allocate_budget(cost, bpp, numel, budget)
         seconds.append(time.perf_counter() - started)

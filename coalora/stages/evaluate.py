@@ -32,6 +32,7 @@ import logging
 import os
 from pathlib import Path
 
+from coalora import interrupt
 from coalora.artifacts import content_id, folder_digest, read_json, write_json, write_text_atomic
 from coalora.errors import UserError
 from coalora.params import Params
@@ -108,6 +109,7 @@ def _score(params: Params, ctx: StageContext, job, scorer: _Scorer) -> dict:
     path = ctx.work / ROWS / f"{job.id}.json"
     if (row := _intact(path, key)) is not None:
         return row
+    interrupt.check()  # a stop request ends the stage between rows; finished rows stay in the work folder
     row = scorer(job)
     write_json(path, {"key": key, "row": row})
     log.info("evaluate %s: %.3f bits %s, ppl %.3f, acc %.4f (%.1f s)", job.id, row["bits"], row["set"],
@@ -141,7 +143,14 @@ def eval_workers(n_jobs: int) -> int:
 
 
 def _worker_init(params: dict, ctx: dict) -> None:
-    """A scoring process: params and context rebuilt from JSON-able values (nothing pickled but those)."""
+    """A scoring process: params and context rebuilt from JSON-able values (nothing pickled but those).
+
+    It ignores Ctrl-C: the terminal sends it to the whole process group, and the stage's own process stops
+    the scoring (coalora.interrupt), which ends these processes; each would otherwise print a traceback.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _WORKER
     params_ = Params.model_validate(params)
     context = StageContext(root=Path(ctx["root"]), out=Path(ctx["out"]), work=Path(ctx["work"]),
@@ -166,8 +175,13 @@ def _score_in_processes(params: Params, ctx: StageContext, jobs: list, workers: 
     log.info("evaluate: %d rows on %d processes", len(jobs), workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
                              initargs=(params.model_dump(mode="json"), state)) as pool:
-        for done, line in enumerate(pool.map(_worker_score, [job.id for job in jobs]), 1):
-            log.info("evaluate %d/%d %s", done, len(jobs), line)
+        try:
+            for done, line in enumerate(pool.map(_worker_score, [job.id for job in jobs]), 1):
+                log.info("evaluate %d/%d %s", done, len(jobs), line)
+                interrupt.check()  # stopped: the rows scored so far stay in the work folder
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # rows not yet started are not started
+            raise
 
 
 def run(params: Params, ctx: StageContext) -> dict:

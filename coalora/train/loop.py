@@ -27,7 +27,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from coalora import parallel
+from coalora import interrupt, parallel
 from coalora.errors import UserError
 from coalora.progress import progress
 from coalora.space import Config
@@ -169,6 +169,7 @@ class Trainer:
         running = None
         try:
             while self.step < end_step:
+                interrupt.check()  # a stop request ends the run here, between steps (coalora.interrupt)
                 started = time.perf_counter()
                 loss = self.train_step(self.choose(pool))
                 self.step += 1
@@ -246,6 +247,7 @@ def eval_losses(model: Trainable, configs: Sequence[Config], batch: dict[str, to
     losses = {}
     n = len(batch["input_ids"])
     for config in configs:
+        interrupt.check()
         model.set_config(config)
         total, count = 0.0, 0
         for start in range(0, n, chunk):
