@@ -32,13 +32,13 @@ def synthetic_costs(layers: dict, specs) -> torch.Tensor:
 def make_project(root: Path, repo_root: Path, make_model=None) -> dict:
     """artifacts/{base_model,calibrate,train} in the stage layouts, each with its manifest.
 
-    ``make_model(vocab)`` builds the base model (default: ``tiny_model``).
+    ``make_model(tokenizer)`` builds the base model (default: ``tiny_model``).
     """
     from coalora.model import train_tokenizer
 
     shutil.copy(repo_root / "params.yaml", root / "params.yaml")
     tokenizer = train_tokenizer(TEXTS, 300)
-    model = (make_model or (lambda vocab: tiny_model(seed=0, vocab=vocab)))(len(tokenizer))
+    model = (make_model or (lambda tok: tiny_model(seed=0, vocab=len(tok))))(tokenizer)
     layers = quantized_layers(model, TARGETS)
     with atomic_folder(root / "artifacts" / "base_model") as tmp:
         model.save_pretrained(tmp / "model")
