@@ -180,7 +180,7 @@ def test_the_transformers_path_writes_the_same_model(project, tmp_path, monkeypa
     fast = load_file(str(tmp_path / "fast" / "model" / "model.safetensors"))
     slow = load_file(str(tmp_path / "slow" / "model" / "model.safetensors"))
     assert set(fast) == set(slow) and all(torch.equal(fast[k], slow[k]) for k in fast)
-    assert any(k.endswith(".weight_codes") for k in fast) != dense
+    assert any(k.endswith(".scale_codes") for k in fast) != dense
     for part in ("adapter/adapter_model.safetensors", *([f"model/{PACKED_FILE}"] if dense else [])):
         assert (tmp_path / "fast" / part).read_bytes() == (tmp_path / "slow" / part).read_bytes()
 

@@ -40,7 +40,7 @@ def test_packed_linear_holds_the_packed_bytes_and_computes_fake_quantize_for_eve
         held = sum(t.numel() * t.element_size() for name, t in layer.state_dict().items() if name != "bias")
         exact = storage_bits(spec, (19, 37)) / 8
         assert exact <= held < exact + 2, spec  # each of the two bit streams rounds up to a whole byte
-        assert layer.weight is None and not any(t.shape == (19, 37) for t in layer.state_dict().values())
+        assert layer.weight.dtype == torch.uint8 and not any(t.shape == (19, 37) for t in layer.state_dict().values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -180,15 +180,24 @@ def test_the_packed_model_holds_only_the_bits_its_config_pays_for(deployed):
     assert qc["quant_method"] == "coalora" and qc["config_id"] == config.id and qc["bits"] == config.bits
     assert qc["layers"] == {name: config[name].key for name in config} and config.bits <= 3.25
     model = AutoModelForCausalLM.from_pretrained(packed / "model")
-    state = model.state_dict()
-    assert not any(f"{name}.weight" in state for name in info["layers"])  # never a dense target weight
+    shapes = {tuple(t.shape) for t in model.state_dict().values()}
+    assert not any(shape in shapes for shape in info["layers"].values())  # never a dense target weight
     held = 0
     for name, shape in info["layers"].items():
         layer = model.get_submodule(name)
         assert isinstance(layer, PackedLinear) and layer.spec == config[name] and layer.shape == shape
-        held += sum(getattr(layer, k).nbytes for k in ("weight_codes", "scale_codes", "scale2", "offset"))
+        held += sum(getattr(layer, k).nbytes for k in ("weight", "scale_codes", "scale2", "offset"))
     exact = sum(storage_bits(config[n], s) for n, s in info["layers"].items()) / 8
     assert exact <= held < exact + 2 * len(info["layers"])
+
+
+@pytest.mark.parametrize("deployed", ["smollm2"], indirect=True)
+def test_transformers_without_coalora_refuses_the_packed_folder_instead_of_random_layers(deployed):
+    _, packed, _ = deployed
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(packed / 'model')!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "Unknown quantization type, got coalora" in done.stderr
+    assert "mismatch" in done.stderr.lower()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,7 +269,7 @@ def test_packed_tensors_that_do_not_match_the_recorded_spec_are_refused(broken):
         c["quantization_config"].update(layers={n: edited[n].key for n in edited}, config_id=edited.id)
 
     edit_config(folder, change)
-    with pytest.raises(ArtifactError, match=rf"layer {name}: {name}\.weight_codes is U8 .* but spec {other.key}"):
+    with pytest.raises(ArtifactError, match=rf"layer {name}: {name}\.weight is U8 .* but spec {other.key}"):
         load(folder)
 
 

@@ -3,9 +3,11 @@
 A packed model folder is a Hugging Face model folder whose target layers hold packed storage instead of weights:
 
     model.safetensors (or shards + index)   every tensor of the base model, except that each target layer's
-        ``<layer>.weight`` is replaced by its packed buffers ``<layer>.weight_codes`` / ``.scale_codes`` /
-        ``.scale2`` / ``.offset`` (``coalora.quant.linear.buffer_layout``: uint8 streams, the float scales as
-        int16/int32 bit patterns); biases, embeddings, norms and head as they were, in the compute dtype.
+        ``<layer>.weight`` matrix is replaced by its packed buffers: ``<layer>.weight`` (the uint8 stream of NF
+        codes), ``.scale_codes``, ``.scale2``, ``.offset`` (``coalora.quant.linear.buffer_layout``; the float scales
+        as int16/int32 bit patterns); biases, embeddings, norms and head as they were, in the compute dtype. A
+        transformers without coalora refuses the folder (size mismatch on ``<layer>.weight``) rather than building
+        those layers at random.
     config.json   the model's config plus ``quantization_config``, which makes the folder self-describing:
 
         {"quant_method": "coalora", "format": "coalora.packed-model/1",
@@ -160,15 +162,12 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def check_tensors(layout: PackedLayout, tensors: Mapping[str, Mapping[str, Any]]) -> None:
-    """Every target layer's packed tensors are present with the dtype and shape of its spec and shape, and no
-    dense ``<layer>.weight`` is left."""
+    """Every target layer's packed tensors are present with the dtype and shape of its spec and shape (a dense
+    ``<layer>.weight`` matrix left in the checkpoint fails as a wrong dtype and shape)."""
     from coalora.quant.linear import buffer_layout
 
     for name, spec in layout.config.items():
         shape = layout.config.shapes[name]
-        if f"{name}.weight" in tensors:
-            raise _fail(f"layer {name} has a dense weight in the checkpoint; a packed folder holds its packed "
-                        f"tensors instead")
         for buf, (dtype, buf_shape) in buffer_layout(spec, shape).items():
             want = {"dtype": SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")], "shape": list(buf_shape)}
             got = tensors.get(f"{name}.{buf}")

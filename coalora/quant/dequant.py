@@ -59,11 +59,12 @@ def _scale_values(bits: int) -> tuple[float, ...]:
     return tuple((torch.arange(2**bits, dtype=torch.float32) / m).tolist())
 
 
-def _chunk_index(stream: torch.Tensor, bits: int) -> torch.Tensor:
+def _chunk_index(stream: torch.Tensor, bits: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
     """The stream's chunks as int32 table indices, (n_chunks,): its bytes, or for 3-bit codes two 12-bit
-    chunks per 3 bytes (a partial last group padded with zero bits)."""
+    chunks per 3 bytes (a partial last group padded with zero bits). Bytes are converted into ``buffer``
+    (int32, reused across calls) when one is given."""
     if bits != 3:
-        return stream.to(torch.int32)
+        return stream.to(torch.int32) if buffer is None else buffer[: stream.numel()].copy_(stream)
     pad = -stream.numel() % 3
     g = (F.pad(stream, (0, pad)) if pad else stream).view(-1, 3).to(torch.int32)  # (groups, 3) bytes
     lo = g[:, 1].bitwise_and(0xF).bitwise_left_shift_(8).bitwise_or_(g[:, 0])  # bits 0..11
@@ -81,7 +82,8 @@ def lookup_size(n_bytes: int, bits: int) -> int:
 _WORD = {1: torch.float32, 2: torch.int64, 4: torch.complex128}
 
 
-def lookup(stream: torch.Tensor, bits: int, values: tuple[float, ...] | None, out: torch.Tensor) -> None:
+def lookup(stream: torch.Tensor, bits: int, values: tuple[float, ...] | None, out: torch.Tensor,
+           index_buffer: torch.Tensor | None = None) -> None:
     """Write ``values[code_i]`` (NF levels when ``values`` is None) of every code in the stream into ``out``.
 
     Args:
@@ -90,10 +92,11 @@ def lookup(stream: torch.Tensor, bits: int, values: tuple[float, ...] | None, ou
         values: the value of each code, or None for the NF-``bits`` levels.
         out: contiguous 1-D float32 buffer of at least ``lookup_size(stream.numel(), bits)`` values, written
             from 0; the values past the stream's real codes (a partial last chunk) are those of code 0.
+        index_buffer: optional int32 buffer of at least ``stream.numel()`` entries for the table indices.
     """
     table = _chunk_table(values, bits, _chunk_bits(bits), stream.device)  # (2^c, per)
     word = _WORD[table.shape[1]]
-    idx = _chunk_index(stream, bits)  # (n_chunks,)
+    idx = _chunk_index(stream, bits, index_buffer)  # (n_chunks,)
     size = idx.numel() * table.shape[1]
     torch.index_select(table.view(word).view(-1), 0, idx, out=out[:size].view(word))
 
@@ -145,11 +148,12 @@ def dequantize_streams(weight_codes: torch.Tensor, scale_codes: torch.Tensor, sc
     step = max(1, SLAB // B0)  # blocks per step
     scratch = out if dtype == torch.float32 else torch.empty(min(size, step * B0 + 8), device=device)
     block_bytes = B0 * b0 // 8  # whole bytes and whole 3-byte groups for every spec (B0·b0 divides by 24)
+    index = torch.empty(min(weight_codes.numel(), step * block_bytes), dtype=torch.int32, device=device)
     for first in range(0, n_blocks, step):
         last = min(n_blocks, first + step)
         stream = weight_codes[first * block_bytes: last * block_bytes]
         at = first * B0 if scratch is out else 0
-        lookup(stream, b0, None, scratch[at:])
+        lookup(stream, b0, None, scratch[at:], index)
         scratch[at: at + (last - first) * B0].view(-1, B0).mul_(s_hat[first:last, None])
         if scratch is not out:
             out[first * B0: last * B0].copy_(scratch[: (last - first) * B0])

@@ -3,7 +3,7 @@
 It is what a deployed model (``coalora adapt``) is built from. Its state is exactly the packed pieces of one
 QuantSpec (``coalora.quant.packed``), as buffers:
 
-    weight_codes  uint8 (ceil(n·b0 / 8),)        the n = out·in NF codes, b0 bits each
+    weight        uint8 (ceil(n·b0 / 8),)        the n = out·in NF codes, b0 bits each (QuantizedTensor.weight_codes)
     scale_codes   uint8 (ceil(n_blocks·b1 / 8),) the first-level scale codes, b1 bits each
     scale2        int16 / int32 (n_super,)       the bit patterns of the second-level scales (b2 = bf16/fp16: int16,
                                                  fp32: int32)
@@ -18,11 +18,14 @@ scale; integer buffers are never cast, only moved.
 forward(x) = x·Ŵᵀ + bias with Ŵ = ``dequantize_streams(...)`` in x's dtype, bitwise the ``fake_quantize`` of the
 original weight; Ŵ lives only during the call (one layer at a time).
 
-It subclasses ``nn.Linear`` (without a ``weight``: ``weight`` is None) so that code that dispatches on
-``nn.Linear`` — peft's LoRA layers above all — wraps it as it wraps a linear layer: peft's ``lora.Linear`` calls
-``base_layer(x)`` and adds its own low-rank term. Following peft's convention for quantized linears, ``qweight``
-names the packed codes (peft reads its device) and ``compute_dtype`` the float dtype the adapter should use.
-Merging an adapter into the weight is not possible (there is no dense weight to merge into).
+The packed codes are the layer's ``weight``, as bitsandbytes' 4-bit layers keep their packed codes in ``weight``:
+code that reads a layer's device reads it there, and — what matters most — a transformers without coalora
+refuses a packed folder (a 1-D uint8 ``weight`` where an (out, in) matrix belongs is a size mismatch, an error)
+instead of silently building those layers with random weights. It subclasses ``nn.Linear`` (without calling its
+``__init__``, which would allocate the dense weight) so that code that dispatches on ``nn.Linear`` — peft's LoRA
+layers above all — wraps it as it wraps a linear layer: peft's ``lora.Linear`` calls ``base_layer(x)`` and adds
+its own low-rank term; ``compute_dtype`` (bitsandbytes' name, which peft reads) is the float dtype the adapter
+should use. Merging an adapter into the weight is not possible (there is no dense weight to merge into).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .dequant import dequantize_streams
 from .packed import QuantizedTensor, _n_bytes
 from .spec import QuantSpec, block_counts
 
-PACKED_BUFFERS = ("weight_codes", "scale_codes", "scale2", "offset")
+PACKED_BUFFERS = ("weight", "scale_codes", "scale2", "offset")
 BITS_DTYPE = {16: torch.int16, 32: torch.int32}  # integer dtype holding a float of that many bits
 
 
@@ -44,7 +47,7 @@ def buffer_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[to
     n = shape[0] * shape[1]
     n_blocks, n_super = block_counts(spec, n)
     return {
-        "weight_codes": (torch.uint8, (_n_bytes(n, spec.weight_bits),)),
+        "weight": (torch.uint8, (_n_bytes(n, spec.weight_bits),)),
         "scale_codes": (torch.uint8, (_n_bytes(n_blocks, spec.scale_bits),)),
         "scale2": (BITS_DTYPE[spec.scale2_bits], (n_super,)),
         "offset": (torch.int32, ()),
@@ -54,7 +57,7 @@ def buffer_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[to
 def packed_buffers(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     """A QuantizedTensor's pieces in ``PackedLinear``'s buffer layout (the float scales as their bit patterns)."""
     return {
-        "weight_codes": qt.weight_codes,
+        "weight": qt.weight_codes,
         "scale_codes": qt.scale_codes,
         "scale2": qt.scale2.contiguous().view(BITS_DTYPE[qt.spec.scale2_bits]),
         "offset": qt.offset.reshape(()).contiguous().view(torch.int32),
@@ -77,7 +80,6 @@ class PackedLinear(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate the dense weight
         self.in_features, self.out_features, self.spec = int(in_features), int(out_features), spec
         self._compute_dtype = dtype
-        self.register_parameter("weight", None)
         for name, (buf_dtype, shape) in buffer_layout(spec, self.shape).items():
             self.register_buffer(name, torch.zeros(shape, dtype=buf_dtype, device=device))
         if bias:
@@ -89,11 +91,6 @@ class PackedLinear(nn.Linear):
     def shape(self) -> tuple[int, int]:
         """(out_features, in_features): the shape of the weight it stands for."""
         return (self.out_features, self.in_features)
-
-    @property
-    def qweight(self) -> torch.Tensor:
-        """The packed codes (peft's name for a quantized linear's stored weight; it reads the device)."""
-        return self.weight_codes
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -114,12 +111,12 @@ class PackedLinear(nn.Linear):
 
     def quantized(self) -> QuantizedTensor:
         """The QuantizedTensor the buffers hold (float scales viewed back from their bit patterns)."""
-        return QuantizedTensor(self.weight_codes, self.scale_codes, self.scale2.view(self.spec.scale2_torch_dtype),
+        return QuantizedTensor(self.weight, self.scale_codes, self.scale2.view(self.spec.scale2_torch_dtype),
                                self.offset.view(torch.float32), self.shape, self.spec, self.compute_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Ŵ (out, in) in ``dtype`` (default ``compute_dtype``), bitwise ``fake_quantize`` of the original W."""
-        return dequantize_streams(self.weight_codes, self.scale_codes, self.scale2.view(self.spec.scale2_torch_dtype),
+        return dequantize_streams(self.weight, self.scale_codes, self.scale2.view(self.spec.scale2_torch_dtype),
                                   self.offset.view(torch.float32), self.spec, self.shape,
                                   self.compute_dtype if dtype is None else dtype)
 
