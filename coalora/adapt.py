@@ -254,7 +254,7 @@ def write_model_files(src: Path, out: Path, shards: dict[str, list[str]],
     for path in sorted(src.iterdir()):
         if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != INDEX:
             shutil.copyfile(path, out / path.name)  # follows the hub cache's symlinks
-    weight_map, found = {}, set()
+    weight_map, found, total = {}, set(), 0
     for shard in shards:
         tensors = {}
         for name, t in load_file(str(src / shard)).items():
@@ -265,6 +265,7 @@ def write_model_files(src: Path, out: Path, shards: dict[str, list[str]],
                 key = name if suffix is None else f"{layer}.{suffix}"
                 tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
                 weight_map[key] = shard
+                total += tensors[key].nbytes
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
     missing = [name for name in replaced if name not in found]
     if missing:  # never leave a target layer dense (or unloadable) by accident
@@ -272,7 +273,8 @@ def write_model_files(src: Path, out: Path, shards: dict[str, list[str]],
                         f"{', '.join(f'{n}.weight' for n in missing[:4])}")
     if (src / INDEX).is_file():
         index = read_json(src / INDEX)
-        write_json(out / INDEX, {**index, "weight_map": dict(sorted(weight_map.items()))})
+        metadata = {**index.get("metadata", {}), "total_size": total}
+        write_json(out / INDEX, {**index, "metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
     _record_dtype(out / "config.json", dtype)
 
 

@@ -53,6 +53,18 @@ def test_dequantize_in_steps_is_bitwise_the_reference(monkeypatch, dtype):
         assert got.dtype == dtype and torch.equal(got, fake_quantize(w, spec).to(dtype)), spec
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_forward_multiplies_a_few_rows_at_a_time_as_linear_would(monkeypatch, dtype):
+    monkeypatch.setattr("coalora.quant.dequant.MATMUL_SLAB", 200)  # many steps of whole blocks
+    w, b, x = randn(45, 54, seed=13), randn(45, seed=14), randn(2, 3, 54, seed=15).to(dtype)
+    for spec in all_specs()[::17]:
+        layer = PackedLinear.from_quantized(quantize(w, spec), b).to(dtype)
+        want = F.linear(x, fake_quantize(w, spec).to(dtype), b.to(dtype))
+        got = layer(x)
+        assert got.dtype == dtype and got.shape == (2, 3, 45) and got.is_contiguous()
+        torch.testing.assert_close(got, want, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
+
+
 def test_casting_a_model_never_touches_the_packed_scales():
     spec = all_specs()[-1]  # fp32 second-level scales: a bf16 copy would be a different scale
     w, b, x = randn(8, 40, seed=5), randn(8, seed=6), randn(2, 40, seed=7)
@@ -65,12 +77,15 @@ def test_casting_a_model_never_touches_the_packed_scales():
     assert torch.equal(layer(x.bfloat16()), want)
 
 
-def test_gradients_flow_through_a_packed_layer_to_its_input():
-    w = randn(6, 10, seed=8)
+@pytest.mark.parametrize("steps", [False, True], ids=["one-step", "many-steps"])
+def test_gradients_flow_through_a_packed_layer_to_its_input(monkeypatch, steps):
+    if steps:
+        monkeypatch.setattr("coalora.quant.dequant.MATMUL_SLAB", 64)  # a layer larger than one step
+    w = randn(36, 40, seed=8)
     layer = PackedLinear.from_quantized(quantize(w, all_specs()[100]))
-    x = randn(3, 10, seed=9).requires_grad_()
+    x = randn(3, 40, seed=9).requires_grad_()
     layer(x).sum().backward()
-    torch.testing.assert_close(x.grad, torch.ones(3, 6) @ layer.dequantize())
+    torch.testing.assert_close(x.grad, torch.ones(3, 36) @ layer.dequantize())
 
 
 def test_the_quantized_tensor_round_trips_through_the_layer():
@@ -189,6 +204,33 @@ def test_the_packed_model_holds_only_the_bits_its_config_pays_for(deployed):
         held += sum(getattr(layer, k).nbytes for k in ("weight", "scale_codes", "scale2", "offset"))
     exact = sum(storage_bits(config[n], s) for n, s in info["layers"].items()) / 8
     assert exact <= held < exact + 2 * len(info["layers"])
+
+
+def test_a_sharded_base_model_gives_a_sharded_packed_folder(tmp_path, repo_root):
+    from transformers import AutoModelForCausalLM
+
+    from coalora.artifacts import atomic_folder, write_json
+
+    info = make_project(tmp_path, repo_root, smollm2_shaped_model)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "base_model" / "model")
+    with atomic_folder(tmp_path / "artifacts" / "base_model") as tmp:  # the same model in 30 KB shards
+        base.save_pretrained(tmp / "model", max_shard_size="30KB")
+        write_json(tmp / "base.json", {"source": "builtin", "path": "model", "revision": None})
+    assert adapt(tmp_path, "--budget", "3.25", "--out", str(tmp_path / "packed")) == 0
+    assert adapt(tmp_path, "--budget", "3.25", "--out", str(tmp_path / "dense"), "--dense") == 0
+    folder = tmp_path / "packed" / "model"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = json.loads((folder / "config.json").read_text())["quantization_config"]["files"]
+    assert len(files) > 1 and set(files) == set(index["weight_map"].values())
+    name = next(iter(info["layers"]))
+    assert f"{name}.scale_codes" in index["weight_map"]
+    tokens = torch.randint(0, info["vocab"], (1, 9), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(exported_logits(tmp_path / "packed", tokens),
+                               exported_logits(tmp_path / "dense", tokens), rtol=1e-5, atol=1e-6)
+    shard = folder / sorted(files)[1]
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(ArtifactError, match=f"{shard.name} is .* bytes.*truncated"):
+        AutoModelForCausalLM.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("deployed", ["smollm2"], indirect=True)

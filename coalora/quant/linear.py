@@ -15,8 +15,8 @@ float scales are kept as integer bit patterns on purpose: ``model.to(torch.bfloa
 transformers' loader cast every floating tensor of a model, and a bf16 copy of an fp32 scale is a different
 scale; integer buffers are never cast, only moved.
 
-forward(x) = x·Ŵᵀ + bias with Ŵ = ``dequantize_streams(...)`` in x's dtype, bitwise the ``fake_quantize`` of the
-original weight; Ŵ lives only during the call (one layer at a time).
+forward(x) = x·Ŵᵀ + bias with Ŵ (in x's dtype) bitwise the ``fake_quantize`` of the original weight; on the CPU
+Ŵ is dequantized and multiplied a few rows at a time (``packed_linear``), so it never exists whole.
 
 The packed codes are the layer's ``weight``, as bitsandbytes' 4-bit layers keep their packed codes in ``weight``:
 code that reads a layer's device reads it there, and — what matters most — a transformers without coalora
@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .dequant import dequantize_streams
+from .dequant import dequantize_streams, packed_linear
 from .packed import QuantizedTensor, _n_bytes
 from .spec import QuantSpec, block_counts
 
@@ -122,8 +121,8 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) → (..., out) in x's dtype."""
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        return packed_linear(x, self.weight, self.scale_codes, self.scale2.view(self.spec.scale2_torch_dtype),
+                             self.offset.view(torch.float32), self.spec, self.shape, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
