@@ -5,3 +5,9 @@ level, so it runs wherever torch runs.
 """
 
 __version__ = "0.1.0"
+
+# A packed model folder (`coalora adapt`) loads with plain `AutoModelForCausalLM.from_pretrained` once coalora is
+# imported: the "coalora" quantization method registers itself when transformers' quantizer registry is imported.
+from coalora.deploy.hooks import install as _install_hooks
+
+_install_hooks()

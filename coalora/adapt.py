@@ -5,15 +5,22 @@ From the project's artifacts — the base model (``artifacts/base_model``), the 
 (``artifacts/train/coalora/adapter.safetensors``) — it
 
     1. allocate   solves the budget's integer program on the recorded cost table (or reads a config file);
-    2. quantize   quantizes each target weight ONCE (packed storage; W̃ is its dequantization);
+    2. quantize   quantizes each target weight ONCE into packed storage;
     3. fold       evaluates θ once per layer (one batched call) and folds U into the adapter: B' = B·U;
-    4. write      ``OUT/model`` (a Hugging Face folder with W̃, plus coalora's config and packed storage, see
-                  ``coalora.model.export``) and ``OUT/adapter`` (a peft LoRA adapter), atomically.
+    4. write      ``OUT/model`` and ``OUT/adapter`` (a peft LoRA adapter), atomically.
+
+``OUT/model`` is, by default, a **packed** model folder (``coalora.deploy.folder``): each target layer's weight
+is replaced by its packed storage, config.json names the quantization method "coalora" with the config id,
+average bits, per-layer specs and the digests of the weight files, and after ``import coalora``
+``AutoModelForCausalLM.from_pretrained`` builds it with ``PackedLinear`` layers that dequantize on the fly: it
+holds the bits the budget pays for. ``dense=True`` (``--dense``) writes the dense folder instead, for tools that
+cannot import coalora: W̃ in the model's dtype plus coalora's config and packed record
+(``coalora.model.export``).
 
 Only what is needed is loaded: the target weights are read straight from the base model's safetensors files
 (no transformers import, no model construction), and the output model folder is the base folder's files with
 the target weights replaced. A base model without safetensors files takes the slow path through
-``transformers`` (:func:`coalora.model.load_base`).
+``transformers`` (:func:`coalora.model.load_base`) and a temporary dense copy in the safetensors layout.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from coalora.calibrate import CostTable
 from coalora.errors import UserError
 from coalora.model.coa import CONFIGNET, LORA_A, LORA_B, read_adapter, serial_below
 from coalora.model.confignet import ConfigNet, block_index, vocabulary
-from coalora.model.export import (confignet_u, fold_factors, peft_config, quantize_weights, write_peft_adapter,
-                                  write_quantization_record)
+from coalora.model.export import (CONFIG_FILE, confignet_u, fold_factors, peft_config, quantize_weights,
+                                  write_peft_adapter, write_quantization_record)
+from coalora.quant import QuantizedTensor
 
 ARTIFACTS = "artifacts"
 ADAPTER_FILE = Path("coalora") / "adapter.safetensors"  # inside the train stage's output
@@ -228,12 +236,15 @@ def read_weights(folder: Path, shards: dict[str, list[str]], names: list[str],
     return weights
 
 
-def write_model_files(src: Path, out: Path, shards: dict[str, list[str]], replaced: dict[str, torch.Tensor],
-                      dtype: torch.dtype) -> None:
+def write_model_files(src: Path, out: Path, shards: dict[str, list[str]],
+                      replaced: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
     """Copy the base folder's non-weight files, and write its safetensors with the target weights replaced.
 
-    Floating tensors are cast to ``dtype`` (the compute dtype the model was trained in) and ``config.json``
-    records it, so ``from_pretrained(out)`` builds exactly the model the adapter was trained on.
+    ``replaced[layer]`` maps suffixes to the tensors that take the place of ``<layer>.weight``: ``{"weight": W̃}``
+    for a dense folder, the packed buffers for a packed one (an index's weight map is rewritten to match).
+    Floating tensors are cast to ``dtype`` (the compute dtype the model was trained in; integer buffers are
+    kept) and ``config.json`` records it, so ``from_pretrained(out)`` builds exactly the model the adapter was
+    trained on.
     """
     import shutil
 
@@ -243,14 +254,27 @@ def write_model_files(src: Path, out: Path, shards: dict[str, list[str]], replac
     for path in sorted(src.iterdir()):
         if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != INDEX:
             shutil.copyfile(path, out / path.name)  # follows the hub cache's symlinks
-    if (src / INDEX).is_file():
-        shutil.copyfile(src / INDEX, out / INDEX)
+    weight_map, found, total = {}, set(), 0
     for shard in shards:
-        tensors = load_file(str(src / shard))
-        for name, t in tensors.items():
-            t = replaced.get(name.removesuffix(".weight"), t) if name.endswith(".weight") else t
-            tensors[name] = t.to(dtype) if t.is_floating_point() else t
+        tensors = {}
+        for name, t in load_file(str(src / shard)).items():
+            layer = name.removesuffix(".weight")
+            parts = replaced.get(layer, {"weight": t}) if name.endswith(".weight") else {None: t}
+            found.add(layer if layer in replaced and name.endswith(".weight") else None)
+            for suffix, tensor in parts.items():
+                key = name if suffix is None else f"{layer}.{suffix}"
+                tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                weight_map[key] = shard
+                total += tensors[key].nbytes
         save_file(tensors, str(out / shard), metadata={"format": "pt"})
+    missing = [name for name in replaced if name not in found]
+    if missing:  # never leave a target layer dense (or unloadable) by accident
+        raise UserError(f"adapt: the base checkpoint in {src} has no tensor(s) "
+                        f"{', '.join(f'{n}.weight' for n in missing[:4])}")
+    if (src / INDEX).is_file():
+        index = read_json(src / INDEX)
+        metadata = {**index.get("metadata", {}), "total_size": total}
+        write_json(out / INDEX, {**index, "metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
     _record_dtype(out / "config.json", dtype)
 
 
@@ -276,7 +300,7 @@ def check_out(out: Path) -> None:
 
 
 def adapt(root: Path | str, params, out: Path | str, budget: float | None = None,
-          config_path: Path | str | None = None) -> dict[str, Any]:
+          config_path: Path | str | None = None, dense: bool = False) -> dict[str, Any]:
     """Build ``out/model`` and ``out/adapter`` for a budget or a config file (module docstring).
 
     Args:
@@ -286,6 +310,7 @@ def adapt(root: Path | str, params, out: Path | str, budget: float | None = None
         out: the output folder; written atomically; an earlier adapt output there is replaced.
         budget: average bits over the quantized layers; exactly one of ``budget`` / ``config_path``.
         config_path: a config JSON file.
+        dense: write the dense model folder (W̃) instead of the packed one.
 
     Returns:
         The summary also written to ``out/adapt.json`` (config id, bits, timings in seconds, paths).
@@ -307,14 +332,14 @@ def adapt(root: Path | str, params, out: Path | str, budget: float | None = None
     timer.lap("allocate")
     source = _Base(base_dir, list(config), dtype)
     timer.lap("load")
-    packed, w_q = quantize_config(source.weights, config, dtype)
+    packed = quantize_weights(source.weights, config)
+    del source.weights  # the packed storage is all that is kept from here on
     timer.lap("quantize")
     folded = fold_config(adapter, config)
     timer.lap("fold")
-    summary = _summary(config, adapter, packed, out)
+    summary = _summary(config, adapter, packed, out, dense)
     with atomic_folder(out) as tmp:
-        source.write(tmp / "model", w_q)
-        write_quantization_record(tmp / "model", packed, config)
+        write_model(source, tmp / "model", packed, config, dtype, dense)
         lora = peft_config(list(config), adapter.rank, adapter.alpha, adapter.dropout, summary["model"])
         write_peft_adapter(folded, lora, tmp / "adapter")
         timer.lap("write")
@@ -323,15 +348,25 @@ def adapt(root: Path | str, params, out: Path | str, budget: float | None = None
     return {**summary, "seconds": timer.rounded(), "base_path": source.path}
 
 
-def quantize_config(weights: dict[str, torch.Tensor], config, dtype: torch.dtype):
-    """(packed, W̃): each weight quantized ONCE into packed storage, and its dequantization (out, in) in
-    ``dtype`` (bitwise ``fake_quantize``)."""
-    packed = quantize_weights(weights, config)
-    w_q = {}
-    for name, qt in packed.items():
-        with serial_below(qt.numel):
-            w_q[name] = qt.dequantize(dtype)
-    return packed, w_q
+def write_model(source: "_Base", out: Path, packed: dict[str, QuantizedTensor], config, dtype: torch.dtype,
+                dense: bool) -> None:
+    """``out``: the packed model folder (``coalora.deploy.folder``), or with ``dense`` the dense one (each W̃
+    dequantized from the packed storage, so bitwise ``fake_quantize``, plus coalora's config and packed record)."""
+    from coalora.quant.linear import packed_buffers
+
+    if dense:
+        replaced = {}
+        for name, qt in packed.items():
+            with serial_below(qt.numel):
+                replaced[name] = {"weight": qt.dequantize(dtype)}
+        source.write(out, replaced)
+        write_quantization_record(out, packed, config)
+        return
+    from coalora.deploy.folder import record_packed_model
+
+    source.write(out, {name: packed_buffers(qt) for name, qt in packed.items()})
+    config.save(out / CONFIG_FILE)
+    record_packed_model(out, config)
 
 
 def fold_config(adapter: TrainedAdapter, config) -> dict[str, torch.Tensor]:
@@ -372,19 +407,27 @@ class _Base:
         self.weights = {n: modules[n].weight.detach() for n in names}
         self.path = "transformers"
 
-    def write(self, out: Path, w_q: dict[str, torch.Tensor]) -> None:
+    def write(self, out: Path, replaced: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The model folder with each target ``<layer>.weight`` replaced (``write_model_files``)."""
         if self.model is None:
-            write_model_files(self.folder, out, self.shards, w_q, self.dtype)
+            write_model_files(self.folder, out, self.shards, replaced, self.dtype)
             return
-        state = {k: v for k, v in self.model.state_dict().items()}
-        state.update({f"{n}.weight": w for n, w in w_q.items()})
-        self.model.save_pretrained(out, state_dict=state)
-        self.tokenizer.save_pretrained(out)
+        import shutil
+
+        # No safetensors to start from: save the loaded model in that layout first, then write from it.
+        staging = out.parent / f".{out.name}-base"
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        try:
+            write_model_files(staging, out, weight_shards(staging), replaced, self.dtype)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
-def _summary(config, adapter: TrainedAdapter, packed, out: Path) -> dict[str, Any]:
+def _summary(config, adapter: TrainedAdapter, packed, out: Path, dense: bool) -> dict[str, Any]:
     packed_bytes = sum(qt.nbytes for qt in packed.values())
     return {
+        "format": "dense" if dense else "packed",
         "config_id": config.id, "bits": config.bits, "exact_bits": config.exact_bits,
         "budget": config.meta.get("budget"), "source": config.meta.get("source"), "layers": len(config),
         "packed_bytes": packed_bytes, "rank": adapter.rank, "alpha": adapter.alpha,

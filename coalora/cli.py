@@ -322,12 +322,17 @@ def cmd_adapt(args) -> int:
     configure(args.root)
     from coalora.adapt import adapt
 
-    s = adapt(args.root, params, args.out, budget=args.budget, config_path=args.config)
+    s = adapt(args.root, params, args.out, budget=args.budget, config_path=args.config, dense=args.dense)
     t = s["seconds"]
     budget = f" (budget {s['budget']})" if s["budget"] is not None else ""
     print(f"config  {s['config_id']}: {s['bits']:.4f} bits{budget}, exact {s['exact_bits']:.4f}, {s['layers']} "
           f"quantized layers (embeddings, norms, head not counted)")
-    print(f"model   {s['model']}  (packed weights {s['packed_bytes'] / 2**20:.2f} MiB)")
+    if s["format"] == "packed":
+        print(f"model   {s['model']}  (packed: the quantized layers hold {s['packed_bytes'] / 2**20:.2f} MiB; "
+              f"load with `import coalora` + AutoModelForCausalLM.from_pretrained)")
+    else:
+        print(f"model   {s['model']}  (dense W̃ for tools without coalora; packed record "
+              f"{s['packed_bytes'] / 2**20:.2f} MiB beside it)")
     print(f"adapter {s['adapter']}  (peft LoRA r={s['rank']}, alpha={s['alpha']:g}"
           f"{', θ folded in' if s['confignet'] else ''})")
     print(f"time    load {t['load']:.3f} s, allocate {t['allocate']:.3f} s, quantize {t['quantize']:.3f} s, "
@@ -418,10 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("name", choices=("compute", "seeds"))
     study.set_defaults(fn=cmd_study)
 
-    adapt = sub.add_parser("adapt", help="a quantized model + peft adapter (θ folded in) for a budget or config")
+    adapt = sub.add_parser("adapt", help="a quantized model + peft adapter (θ folded in) for a budget or config",
+                           description="Write OUT/model, the model quantized with the budget's (or file's) "
+                                       "configuration, and OUT/adapter, a peft LoRA adapter with θ folded in. OUT/model "
+                                       "is packed: its quantized layers hold only their codes and scales (the "
+                                       "memory the budget pays for) and load with `import coalora` and "
+                                       "AutoModelForCausalLM.from_pretrained. --dense writes the dequantized weights "
+                                       "instead, for tools that cannot import coalora.")
     adapt.add_argument("--budget", type=float, default=None, help="average bits over the quantized layers")
     adapt.add_argument("--config", type=Path, default=None, help="a config JSON file instead of --budget")
     adapt.add_argument("--out", type=Path, required=True, help="output folder (gets model/ and adapter/)")
+    adapt.add_argument("--dense", action="store_true",
+                       help="write the dense dequantized model (as large as the unquantized one) instead of packed")
     adapt.set_defaults(fn=cmd_adapt)
 
     fetch = sub.add_parser("fetch", help="fetch SmolLM2-135M-Instruct, BoolQ/ARC/WinoGrande and Wikipedia text "

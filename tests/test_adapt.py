@@ -29,13 +29,16 @@ def synthetic_costs(layers: dict, specs) -> torch.Tensor:
     return numel[:, None] * torch.pow(4.0, -bpp)[None, :] * (1 + 0.1 * wiggle)
 
 
-def make_project(root: Path, repo_root: Path) -> dict:
-    """artifacts/{base_model,calibrate,train} in the stage layouts, each with its manifest."""
+def make_project(root: Path, repo_root: Path, make_model=None) -> dict:
+    """artifacts/{base_model,calibrate,train} in the stage layouts, each with its manifest.
+
+    ``make_model(tokenizer)`` builds the base model (default: ``tiny_model``).
+    """
     from coalora.model import train_tokenizer
 
     shutil.copy(repo_root / "params.yaml", root / "params.yaml")
     tokenizer = train_tokenizer(TEXTS, 300)
-    model = tiny_model(seed=0, vocab=len(tokenizer))
+    model = (make_model or (lambda tok: tiny_model(seed=0, vocab=len(tok))))(tokenizer)
     layers = quantized_layers(model, TARGETS)
     with atomic_folder(root / "artifacts" / "base_model") as tmp:
         model.save_pretrained(tmp / "model")
@@ -80,14 +83,15 @@ def coa_logits(root: Path, info: dict, config: Config, tokens: torch.Tensor) -> 
         return coa(tokens).logits
 
 
-def exported_logits(out: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """ONE from_pretrained for the quantized model, then peft's loader for the adapter."""
+def exported_logits(out: Path, tokens: torch.Tensor, adapter: bool = True) -> torch.Tensor:
+    """ONE from_pretrained for the quantized model (packed or dense), then peft's loader for the adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     with torch.no_grad():
-        return PeftModel.from_pretrained(model, out / "adapter").eval()(tokens).logits
+        model = PeftModel.from_pretrained(model, out / "adapter") if adapter else model
+        return model.eval()(tokens).logits
 
 
 def adapt(root: Path, *args: str) -> int:
@@ -99,29 +103,54 @@ def adapt(root: Path, *args: str) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 def test_adapt_for_a_budget_builds_a_model_and_adapter_equal_to_the_coa_model(project, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from coalora.quant import fake_quantize
+    from coalora.quant.linear import PackedLinear
+
     root, info = project
     out = tmp_path / "deploy"
     assert adapt(root, "--budget", "3.25", "--out", str(out)) == 0
     printed = capsys.readouterr().out
     config = Config.load(out / "model" / CONFIG_FILE, info["layers"])
     assert config.bits <= 3.25 and config.meta["budget"] == 3.25 and config.meta["source"] == "milp"
-    assert f"{config.bits:.4f} bits" in printed
+    assert f"{config.bits:.4f} bits" in printed and "packed" in printed
     for split in ("allocate", "quantize", "fold", "write"):
         assert f"{split} " in printed
     record = json.loads((out / "adapt.json").read_text())
-    assert record["config_id"] == config.id and record["base_path"] == "safetensors"
+    assert record["config_id"] == config.id and record["base_path"] == "safetensors" and record["format"] == "packed"
     assert set(record["seconds"]) == {"load", "allocate", "quantize", "fold", "write", "total"}
 
     tokens = torch.randint(0, info["vocab"], (2, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(exported_logits(out, tokens), coa_logits(root, info, config, tokens),
                                rtol=1e-4, atol=1e-5)
+    # The packed layers hold exactly fake_quantize(W) of the base weights, in the spec the config names.
+    base = AutoModelForCausalLM.from_pretrained(root / "artifacts" / "base_model" / "model")
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    for name in info["layers"]:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, PackedLinear) and layer.spec == config[name]
+        assert torch.equal(layer.dequantize(), fake_quantize(base.get_submodule(name).weight.detach(), config[name]))
+    assert (out / "model" / "tokenizer.json").is_file() and not (out / "model" / PACKED_FILE).exists()
+
+
+def test_dense_writes_the_dequantized_weights_and_the_packed_record(project, tmp_path, capsys):
+    root, info = project
+    out = tmp_path / "dense"
+    assert adapt(root, "--budget", "3.25", "--out", str(out), "--dense") == 0
+    assert "dense" in capsys.readouterr().out
+    assert json.loads((out / "adapt.json").read_text())["format"] == "dense"
+    assert "quantization_config" not in json.loads((out / "model" / "config.json").read_text())
+    config = Config.load(out / "model" / CONFIG_FILE, info["layers"])
     packed, config_id = read_packed(out / "model" / PACKED_FILE)
     from safetensors.torch import load_file
 
     dense = load_file(str(out / "model" / "model.safetensors"))
     assert config_id == config.id
     assert all(torch.equal(packed[n].dequantize(), dense[f"{n}.weight"]) for n in info["layers"])
-    assert (out / "model" / "tokenizer.json").is_file()
+    tokens = torch.randint(0, info["vocab"], (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(exported_logits(out, tokens), coa_logits(root, info, config, tokens),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_adapt_for_a_config_file_needs_no_cost_table_and_replaces_its_earlier_output(project, tmp_path):
@@ -138,19 +167,21 @@ def test_adapt_for_a_config_file_needs_no_cost_table_and_replaces_its_earlier_ou
                                rtol=1e-4, atol=1e-5)
 
 
-def test_the_transformers_path_writes_the_same_model(project, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dense", [False, True], ids=["packed", "dense"])
+def test_the_transformers_path_writes_the_same_model(project, tmp_path, monkeypatch, dense):
     root, info = project
-    assert adapt(root, "--budget", "4.5", "--out", str(tmp_path / "fast")) == 0
+    flag = ("--dense",) if dense else ()
+    assert adapt(root, "--budget", "4.5", "--out", str(tmp_path / "fast"), *flag) == 0
     monkeypatch.setattr("coalora.adapt.base_folder", lambda base_dir: None)
-    assert adapt(root, "--budget", "4.5", "--out", str(tmp_path / "slow")) == 0
+    assert adapt(root, "--budget", "4.5", "--out", str(tmp_path / "slow"), *flag) == 0
     assert json.loads((tmp_path / "slow" / "adapt.json").read_text())["base_path"] == "transformers"
     from safetensors.torch import load_file
 
     fast = load_file(str(tmp_path / "fast" / "model" / "model.safetensors"))
     slow = load_file(str(tmp_path / "slow" / "model" / "model.safetensors"))
-    for name in info["layers"]:
-        assert torch.equal(fast[f"{name}.weight"], slow[f"{name}.weight"])
-    for part in ("adapter/adapter_model.safetensors", f"model/{PACKED_FILE}"):
+    assert set(fast) == set(slow) and all(torch.equal(fast[k], slow[k]) for k in fast)
+    assert any(k.endswith(".scale_codes") for k in fast) != dense
+    for part in ("adapter/adapter_model.safetensors", *([f"model/{PACKED_FILE}"] if dense else [])):
         assert (tmp_path / "fast" / part).read_bytes() == (tmp_path / "slow" / part).read_bytes()
 
 
@@ -170,12 +201,11 @@ def test_a_bfloat16_adapter_gives_a_bfloat16_model(project, tmp_path):
     assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
     config = Config.load(out / "model" / CONFIG_FILE, info["layers"])
     coa.set_config(config)
-    from safetensors.torch import load_file
-
-    dense = load_file(str(out / "model" / "model.safetensors"))
+    packed_model = AutoModelForCausalLM.from_pretrained(out / "model")
     name = next(iter(info["layers"]))
-    assert dense[f"{name}.weight"].dtype == torch.bfloat16
-    assert torch.equal(dense[f"{name}.weight"], coa.layers[name].weight_q)
+    layer = packed_model.get_submodule(name)
+    assert layer.compute_dtype == torch.bfloat16 and layer.dequantize().dtype == torch.bfloat16
+    assert torch.equal(layer.dequantize(), coa.layers[name].weight_q)
     tokens = torch.randint(0, info["vocab"], (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = coa(tokens).logits.float()

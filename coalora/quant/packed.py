@@ -8,7 +8,8 @@ A ``QuantizedTensor`` holds exactly the pieces of ``coalora.quant.fake.QuantPart
     offset        float32 ()                     the per-matrix offset o
 
 so its ``nbytes`` is within 2 bytes of ``storage_bits(spec, shape) / 8`` (each bit stream rounds up to
-a whole byte), and ``dequantize()`` reuses ``dequantize_parts``: it equals ``fake_quantize`` bitwise.
+a whole byte). ``dequantize()`` reads the streams directly (``coalora.quant.dequant``, table lookups, no
+unpacked codes); it equals ``dequantize_parts(parts())`` and so ``fake_quantize``, bitwise.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from .fake import QuantParts, dequantize_parts, quantize_parts
+from .dequant import dequantize_streams
+from .fake import QuantParts, quantize_parts
 from .spec import QuantSpec, block_counts
 
 FORMAT = "coalora.quant.packed/1"
@@ -154,7 +156,8 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Ŵ of shape ``shape`` in ``dtype`` (default: the original weight's dtype); equals ``fake_quantize``."""
-        return dequantize_parts(self.parts(), self.dtype if dtype is None else dtype)
+        return dequantize_streams(self.weight_codes, self.scale_codes, self.scale2, self.offset, self.spec,
+                                  self.shape, self.dtype if dtype is None else dtype)
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         """A copy with every buffer on ``device``."""
