@@ -53,6 +53,32 @@ def test_dequantize_in_steps_is_bitwise_the_reference(monkeypatch, dtype):
         assert got.dtype == dtype and torch.equal(got, fake_quantize(w, spec).to(dtype)), spec
 
 
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_word_lookup_moves_the_table_values_bitwise_at_any_alignment(flush_denormal):
+    """The CPU gathers a chunk's 1, 2 or 4 floats as one float32 / int64 / complex128 word; the result must be
+    the table rows bit for bit, also where a word is a subnormal double (flush-to-zero on) and where the
+    destination is not aligned to the word (then rows are gathered)."""
+    from coalora.quant.dequant import lookup, lookup_size
+    from coalora.quant.nf import nf_levels
+
+    stream = torch.randint(0, 256, (301,), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        for bits in (2, 3, 4, 8):
+            codes = [(int(b) >> i) & 1 for b in stream for i in range(8)]  # the stream's bits, little-endian
+            codes = [sum(codes[j * bits + i] << i for i in range(bits)) for j in range(len(codes) // bits)]
+            for kind, values in (("levels", nf_levels(bits)),
+                                 ("scales", torch.arange(2**bits, dtype=torch.float32) / float(2**bits - 1))):
+                want = values[torch.tensor(codes)]
+                for shift in (0, 1, 2, 3):  # float offsets 0..3: only 0 is aligned to every word
+                    buf = torch.full((shift + lookup_size(stream.numel(), bits),), float("nan"))
+                    lookup(stream, bits, kind, buf[shift:])
+                    got = buf[shift: shift + len(codes)]
+                    assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (bits, kind, shift)
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_forward_multiplies_a_few_rows_at_a_time_as_linear_would(monkeypatch, dtype):
     monkeypatch.setattr("coalora.quant.dequant.MATMUL_SLAB", 200)  # many steps of whole blocks

@@ -47,23 +47,46 @@ def _chunk_bits(bits: int) -> int:
     return 12 if bits == 3 else 8
 
 
+# On the CPU a chunk's values are copied as ONE machine word: a 1-D gather of 8- or 16-byte scalars is about
+# three times as fast as a gather of rows of 2 or 4 floats (benchmarks/deploy.md). The copy is bitwise: the
+# words are only moved, never computed on (a complex128 holding a pair of small floats is a subnormal double,
+# moved unchanged even with flush-to-zero on; tested). Other devices, and destinations not aligned to the word,
+# gather rows.
+_WORD = {1: torch.float32, 2: torch.int64, 4: torch.complex128}
+
+
+class _Table:
+    """The lookup table of one code width: row x holds the values of the c/bits codes packed in chunk x."""
+
+    def __init__(self, values: torch.Tensor, bits: int, device: torch.device):
+        c = _chunk_bits(bits)
+        self.per = c // bits
+        x = torch.arange(2**c, dtype=torch.int64)[:, None]  # (2^c, 1)
+        codes = (x >> (torch.arange(self.per, dtype=torch.int64) * bits)) & (2**bits - 1)  # (2^c, per)
+        rows = values[codes].contiguous().to(device)  # (2^c, per) float32
+        self.rows = rows
+        self.word = _WORD[self.per] if device.type == "cpu" else None
+        self.words = None if self.word is None else rows.view(self.word).view(-1)  # (2^c,) one word per chunk
+        self.word_bytes = 4 * self.per
+
+    def gather(self, idx: torch.Tensor, dest: torch.Tensor) -> None:
+        """Row ``idx[i]`` into ``dest[i·per: (i+1)·per]`` (dest: contiguous float32)."""
+        out = dest[: idx.numel() * self.per]
+        if self.word is None or out.data_ptr() % self.word_bytes:  # a word view needs an aligned address
+            torch.index_select(self.rows, 0, idx, out=out.view(-1, self.per))
+        else:
+            torch.index_select(self.words, 0, idx, out=out.view(self.word))
+
+
 @functools.lru_cache(maxsize=None)
-def _chunk_table(values: tuple[float, ...] | None, bits: int, c: int, device: torch.device) -> torch.Tensor:
-    """(2^c, c/bits) float32: row x holds ``values[code_j]`` of the c/bits codes packed little-endian in x.
-
-    ``values`` is None for the NF-``bits`` levels (built from ``nf_levels`` so they are the same floats).
-    """
-    per = c // bits
-    table = nf_levels(bits) if values is None else torch.tensor(values, dtype=torch.float32)  # (2^bits,)
-    x = torch.arange(2**c, dtype=torch.int64)[:, None]  # (2^c, 1)
-    codes = (x >> (torch.arange(per, dtype=torch.int64) * bits)) & (2**bits - 1)  # (2^c, per)
-    return table[codes].contiguous().to(device)
-
-
-def _scale_values(bits: int) -> tuple[float, ...]:
-    """q/m for every b1-bit code q, m = 2^b1 − 1, formed as ``block_scales`` forms it (float32 q / m)."""
-    m = float(2**bits - 1)
-    return tuple((torch.arange(2**bits, dtype=torch.float32) / m).tolist())
+def _table(kind: str, bits: int, device: torch.device) -> _Table:
+    """The table of ``kind`` "levels" (the NF-``bits`` levels, from ``nf_levels``, so the same floats) or
+    "scales" (q/m for every ``bits``-bit code q, m = 2^bits − 1, formed as ``block_scales`` forms it)."""
+    if kind == "levels":
+        values = nf_levels(bits)
+    else:
+        values = torch.arange(2**bits, dtype=torch.float32) / float(2**bits - 1)
+    return _Table(values, bits, device)
 
 
 def _chunk_index(stream: torch.Tensor, bits: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,33 +107,20 @@ def lookup_size(n_bytes: int, bits: int) -> int:
     return 8 * -(-n_bytes // 3) if bits == 3 else n_bytes * (8 // bits)
 
 
-# On the CPU a chunk's values are copied as ONE machine word: a 1-D gather of 8- or 16-byte scalars is about
-# twice as fast as a gather of rows of 2 or 4 floats (measured while writing benchmarks/deploy.md). Other
-# devices gather rows.
-_WORD = {1: torch.float32, 2: torch.int64, 4: torch.complex128}
-
-
-def lookup(stream: torch.Tensor, bits: int, values: tuple[float, ...] | None, out: torch.Tensor,
+def lookup(stream: torch.Tensor, bits: int, kind: str, out: torch.Tensor,
            index_buffer: torch.Tensor | None = None) -> None:
-    """Write ``values[code_i]`` (NF levels when ``values`` is None) of every code in the stream into ``out``.
+    """Write the value of every code in the stream into ``out``: its NF level (``kind`` "levels") or its
+    q/m (``kind`` "scales").
 
     Args:
         stream: uint8 bit stream of ``bits``-bit codes (``pack_bits`` layout).
         bits: 2, 3, 4 or 8.
-        values: the value of each code, or None for the NF-``bits`` levels.
+        kind: "levels" or "scales".
         out: contiguous 1-D float32 buffer of at least ``lookup_size(stream.numel(), bits)`` values, written
             from 0; the values past the stream's real codes (a partial last chunk) are those of code 0.
         index_buffer: optional int32 buffer of at least ``stream.numel()`` entries for the table indices.
     """
-    table = _chunk_table(values, bits, _chunk_bits(bits), stream.device)  # (2^c, per)
-    per = table.shape[1]
-    idx = _chunk_index(stream, bits, index_buffer)  # (n_chunks,)
-    dest = out[: idx.numel() * per]
-    if stream.device.type == "cpu":
-        word = _WORD[per]
-        torch.index_select(table.view(word).view(-1), 0, idx, out=dest.view(word))
-    else:
-        torch.index_select(table, 0, idx, out=dest.view(-1, per))
+    _table(kind, bits, stream.device).gather(_chunk_index(stream, bits, index_buffer), out)
 
 
 SLAB = 1 << 16
@@ -146,7 +156,7 @@ def block_scale_values(scale_codes: torch.Tensor, scale2: torch.Tensor, offset: 
     b1, B1 = spec.scale_bits, spec.block1
     size, device = max(n_super * B1, lookup_size(scale_codes.numel(), b1)), scale_codes.device
     s_hat = scratch("s_hat", size, torch.float32, device) if reuse else torch.empty(size, device=device)
-    lookup(scale_codes, b1, _scale_values(b1), s_hat)
+    lookup(scale_codes, b1, "scales", s_hat)
     s_hat = s_hat[: n_super * B1].view(n_super, B1)
     s_hat.mul_(scale2.to(torch.float32)[:, None]).add_(offset.to(torch.float32).reshape(()))
     return s_hat.view(-1)
@@ -172,12 +182,13 @@ class PackedMatrix:
         size, device = min(weight_codes.numel(), step_blocks * self.block_bytes), weight_codes.device
         self.index = scratch("index", size, torch.int32, device) if reuse else torch.empty(
             size, dtype=torch.int32, device=device)
+        self.table = _table("levels", spec.weight_bits, device)  # fetched once
 
     def fill(self, first: int, last: int, dest: torch.Tensor) -> None:
         """Ŵ of blocks [first, last) (row-major weights first·B0 …) into ``dest[: (last − first)·B0]`` (float32)."""
         B0 = self.spec.block0
         stream = self.codes[first * self.block_bytes: last * self.block_bytes]
-        lookup(stream, self.spec.weight_bits, None, dest, self.index)
+        self.table.gather(_chunk_index(stream, self.spec.weight_bits, self.index), dest)
         dest[: (last - first) * B0].view(-1, B0).mul_(self.s_hat[first:last, None])
 
 
