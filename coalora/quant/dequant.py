@@ -48,7 +48,7 @@ def _chunk_bits(bits: int) -> int:
 
 
 # On the CPU a chunk's values are copied as ONE machine word: a 1-D gather of 8- or 16-byte scalars is about
-# three times as fast as a gather of rows of 2 or 4 floats (benchmarks/deploy.md). The copy is bitwise: the
+# three times as fast as a gather of rows of 2 or 4 floats (notes in benchmarks/deploy.md). The copy is bitwise: the
 # words are only moved, never computed on (a complex128 holding a pair of small floats is a subnormal double,
 # moved unchanged even with flush-to-zero on; tested). Other devices, and destinations not aligned to the word,
 # gather rows.
