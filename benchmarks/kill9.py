@@ -55,7 +55,8 @@ COALORA = str(Path(sys.executable).parent / "coalora")
 MARK = "COALORA_KILL9_TRIAL"   # set in every run's environment: its processes carry it, whoever their parent
 STAGES = ("data", "base_model", "calibrate", "allocate", "train", "evaluate", "report")
 # Keys (JSON) and columns (CSV) holding wall-clock times or timestamps, which no two runs share.
-WALL_CLOCK = re.compile(r"(^|_)(seconds|secs|time|timestamp|started|finished|date|wall)($|_)|_s$")
+# Words separated by _ . - (DVC's metrics files flatten keys with dots: "coalora.seconds").
+WALL_CLOCK = re.compile(r"(^|[_.-])(seconds|secs|time|timestamp|started|finished|date|wall)($|[_.-])|_s$")
 POLL = 0.02
 RUN_TIMEOUT = 3600.0
 
@@ -64,8 +65,19 @@ RUN_TIMEOUT = 3600.0
 # Events of a running project
 # ---------------------------------------------------------------------------------------------------------
 
+def _glob(pattern_root: Path, pattern: str) -> list[Path]:
+    """``pattern_root.glob(pattern)`` of a folder the run is changing: a folder that vanishes while it is
+    listed (a stage's work folder removed when the stage ends) counts as empty, and the listing is retried."""
+    for _ in range(5):
+        try:
+            return list(pattern_root.glob(pattern))
+        except FileNotFoundError:
+            continue
+    return []
+
+
 def _exists(pattern_root: Path, pattern: str) -> bool:
-    return next(iter(pattern_root.glob(pattern)), None) is not None
+    return bool(_glob(pattern_root, pattern))
 
 
 class Observer:
@@ -80,7 +92,7 @@ class Observer:
         self._new_checkpoints: set[Path] = set()
 
     def _checkpoints(self) -> list[Path]:
-        return list((self.root / "artifacts" / ".work" / "train").glob("*/*/step-*"))
+        return _glob(self.root / "artifacts" / ".work" / "train", "*/*/step-*")
 
     def observe(self, t: float) -> None:
         art, state = self.root / "artifacts", self.root / ".coalora"
@@ -93,7 +105,7 @@ class Observer:
         self._new_checkpoints |= set(self._checkpoints()) - self._old_checkpoints
         self._mark(t, f"checkpoints:{len(self._new_checkpoints)}", lambda: bool(self._new_checkpoints))
         self._mark(t, "row", lambda: _exists(art, ".work/evaluate/rows/*.json"))
-        rows = len(list(art.glob(".work/evaluate/rows/*.json")))
+        rows = len(_glob(art, ".work/evaluate/rows/*.json"))
         self._mark(t, f"rows:{rows}", lambda: rows > 0)
         self._mark(t, "mlflow:init", lambda: _exists(state, ".mlflow.db.init-*"))
         self._mark(t, "mlflow:store", lambda: (state / "mlflow.db").exists())
@@ -101,7 +113,11 @@ class Observer:
         text = self._new_log()
         for name, pattern in LOG_EVENTS.items():
             self._mark(t, name, lambda p=pattern: re.search(p, text) is not None)
-        for bar, percent in PROGRESS.findall(text):  # tqdm redraws: "pretrain:  45%|████▌  | 9/20 ..."
+        # lm-eval's task files are written just before the base model is scored (its own bars are off)
+        self._mark(t, "lm-eval", lambda: _exists(art, ".work/base_model/lm_eval/*/*.yaml")
+                   or _exists(art, ".work/base_model/lm_eval/*.yaml"))
+        for match in PROGRESS.findall(text):
+            bar, percent = (match[0], match[1]) if match[0] else (match[2], match[3])
             bar = bar.strip()
             self._progress[bar] = max(self._progress.get(bar, 0), int(percent))
             for step in range(5, self._progress[bar] + 1, 5):  # "<bar>:<p>%" = at least p percent done
@@ -128,9 +144,10 @@ class Observer:
 LOG_EVENTS = {  # events read from the run's log
     "search:round1": r"coalora round 1 at step",
     "search:round2": r"coalora round 2 at step",
-    "lm-eval": r"Running loglikelihood requests",
 }
-PROGRESS = re.compile(r"([^\r\n:|]+):\s+(\d+)%\|")
+# coalora's progress lines in a log ("... INFO pretrain: 9/20 (45%), 3.1 it/s"; one per update under
+# COALORA_PROGRESS_SECONDS=0, see _env) and tqdm's redraws on a terminal ("pretrain:  45%|████▌  | 9/20").
+PROGRESS = re.compile(r"INFO ([^\r\n:|]+): \d+/\d+ \((\d+)%\)|([^\r\n:|]+):\s+(\d+)%\|")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,7 +250,8 @@ TRIALS = [
 # ---------------------------------------------------------------------------------------------------------
 
 def _env(mark: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **{MARK: mark})
+    # a progress line at every update: the kill points at "<loop>:<p>%" are read from them
+    env = dict(os.environ, OMP_NUM_THREADS="1", COALORA_PROGRESS_SECONDS="0", **{MARK: mark})
     for key in ("COALORA_PROFILE", "PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "PREFECT_API_URL",
                 "MLFLOW_TRACKING_URI"):
         env.pop(key, None)  # each project keeps its own state (coalora.env puts it in .coalora/)

