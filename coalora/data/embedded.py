@@ -19,12 +19,15 @@ from coalora.params import Params
 WORLD_FILE = "world.json"
 
 
-def build_embedded(seed: int, n_entities: int, n_train_docs: int, n_validation_docs: int,
-                   n_instructions: int, n_items: int) -> tuple[World, dict[str, list[dict]]]:
-    """The world and every layout file's rows (key → rows), in memory."""
-    world = generate_world(seed, n_entities)
-    train, validation = text_splits(world, n_train_docs, n_validation_docs, seed)
-    rows = {"c4_train": train, "c4_validation": validation, "instruct": instructions(world, n_instructions, seed)}
+def build_embedded(seed: int, n_entities: int, n_practice: int, n_pretrain_docs: int, n_train_docs: int,
+                   n_validation_docs: int, n_instructions: int, n_items: int) -> tuple[World, dict[str, list[dict]]]:
+    """The world and every layout file's rows (key → rows), in memory. The arguments are ``seed`` and the
+    fields of ``params.world``."""
+    world = generate_world(seed, n_entities, n_practice)
+    text = text_splits(world, {"pretrain": n_pretrain_docs, "train": n_train_docs,
+                               "validation": n_validation_docs}, seed)
+    rows = {"c4_pretrain": text["pretrain"], "c4_train": text["train"], "c4_validation": text["validation"],
+            "instruct": instructions(world, n_instructions, seed)}
     rows |= {key: [item.row for item in items] for key, items in benchmark_items(world, n_items, seed).items()}
     return world, rows
 
@@ -38,12 +41,12 @@ def write_embedded(params: Params, out: Path) -> dict:
     """
     out = Path(out)
     w = params.world
-    world, rows = build_embedded(params.seed, w.n_entities, w.n_train_docs, w.n_validation_docs,
-                                 w.n_instructions, w.n_items)
+    world, rows = build_embedded(params.seed, **w.model_dump())
     for key, key_rows in rows.items():
         write_jsonl(data_file(out, key), key_rows)
     write_json(out / WORLD_FILE, world.to_dict())
     summary = {"source": "embedded", **summarize(rows)}
-    summary["world"] = {"entities": len(world.entities), "kinds": len(world.kinds),
+    summary["world"] = {"entities": len(world.entities), "practice": len(world.practice),
+                        "tested": len(world.tested()), "kinds": len(world.kinds),
                         "places": len(world.values["home"]), "facts": len(world.facts())}
     return summary
