@@ -16,13 +16,14 @@ from coalora.artifacts import read_json, read_jsonl
 from coalora.data import phrasing as ph
 from coalora.data.benchmarks import benchmark_items, capacity
 from coalora.data.embedded import WORLD_FILE, build_embedded, write_embedded
-from coalora.data.layout import BENCHMARK_KEYS, FILES, TEXT_KEYS, data_file
+from coalora.data.layout import BENCHMARK_KEYS, BENCHMARK_NAMES, FILES, TEXT_KEYS, data_file
 from coalora.data.leaks import leaked_items, normalise, probes, training_documents
 from coalora.data.world import World, generate_world
 from coalora.errors import UserError
 from coalora.params import load_params, validate
 from coalora.stages.core import run_stage
 from coalora.stages.data import STAGE
+from coalora.stages.evaluate import benchmark_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,6 +151,23 @@ def test_write_embedded_smoke_profile(tmp_path):
     assert summary["world"]["tested"] == w.n_entities - w.n_practice
     assert summary["labels"]["boolq"] == {"0": w.n_items // 2, "1": w.n_items // 2}
     json.dumps(summary)
+    # the report calls the benchmarks what they are (stages.evaluate.benchmark_names reads the summary)
+    (tmp_path / "stage.json").write_text(json.dumps({"summary": summary}))
+    names = benchmark_names(tmp_path, BENCHMARK_KEYS)
+    tested = w.n_entities - w.n_practice
+    assert names["arc_challenge"].startswith(f"synthetic ARC-Challenge-format quiz about {tested} held-out creatures")
+    assert all(f"{BENCHMARK_NAMES[key]}-format" in names[key] and "never asked" in names[key] for key in BENCHMARK_KEYS)
+
+
+def test_benchmark_names_read_a_source_s_own_names(tmp_path):
+    """A source may describe a benchmark by a string or by an object with a ``name`` (packaged); else the
+    report falls back to the task and the source."""
+    summary = {"source": "packaged", "benchmarks": {"boolq": {"name": "BoolQ validation, 3,270 items"},
+                                                    "arc_easy": "ARC-Easy test"}}
+    (tmp_path / "stage.json").write_text(json.dumps({"summary": summary}))
+    assert benchmark_names(tmp_path, ["boolq", "arc_easy", "winogrande"]) == {
+        "boolq": "BoolQ validation, 3,270 items", "arc_easy": "ARC-Easy test",
+        "winogrande": "WinoGrande (packaged data)"}
 
 
 def test_default_sizes_schemas(default):

@@ -11,7 +11,7 @@ from pathlib import Path
 from coalora.artifacts import write_json, write_jsonl
 from coalora.data.benchmarks import benchmark_items
 from coalora.data.corpus import instructions, text_splits
-from coalora.data.layout import data_file
+from coalora.data.layout import BENCHMARK_KEYS, BENCHMARK_NAMES, data_file
 from coalora.data.summary import summarize
 from coalora.data.world import World, generate_world
 from coalora.params import Params
@@ -46,7 +46,12 @@ def write_embedded(params: Params, out: Path) -> dict:
         write_jsonl(data_file(out, key), key_rows)
     write_json(out / WORLD_FILE, world.to_dict())
     summary = {"source": "embedded", **summarize(rows)}
+    tested = len(world.tested())
+    # what the report calls each benchmark (coalora.stages.evaluate.benchmark_names): what it really is
+    summary["benchmarks"] = {key: f"synthetic {BENCHMARK_NAMES[key]}-format quiz about {tested} held-out creatures "
+                                  f"of the embedded world (facts stated in the pretraining text, never asked there)"
+                             for key in BENCHMARK_KEYS}
     summary["world"] = {"entities": len(world.entities), "practice": len(world.practice),
-                        "tested": len(world.tested()), "kinds": len(world.kinds),
+                        "tested": tested, "kinds": len(world.kinds),
                         "places": len(world.values["home"]), "facts": len(world.facts())}
     return summary
