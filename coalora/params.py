@@ -44,8 +44,9 @@ class WorldParams(Section):
     @model_validator(mode="after")
     def _enough_tested(self) -> "WorldParams":
         if self.n_entities - self.n_practice < 8:
-            raise ValueError(f"n_practice ({self.n_practice}) must leave at least 8 of n_entities "
-                             f"({self.n_entities}) for the benchmarks")
+            raise ValueError(f"n_practice {self.n_practice} must leave at least 8 of n_entities "
+                             f"{self.n_entities} for the benchmarks (allowed: n_practice <= "
+                             f"{self.n_entities - 8})")
         return self
 
 
