@@ -16,8 +16,9 @@ from coalora.artifacts import read_json, read_jsonl
 from coalora.data import phrasing as ph
 from coalora.data.benchmarks import benchmark_items, capacity
 from coalora.data.embedded import WORLD_FILE, build_embedded, write_embedded
-from coalora.data.layout import BENCHMARK_KEYS, BENCHMARK_NAMES, FILES, TEXT_KEYS, data_file
+from coalora.data.layout import BENCHMARK_KEYS, FILES, TEXT_KEYS, data_file
 from coalora.data.leaks import leaked_items, normalise, probes, training_documents
+from coalora.data.summary import BENCHMARK_NAMES
 from coalora.data.world import World, generate_world
 from coalora.errors import UserError
 from coalora.params import load_params, validate

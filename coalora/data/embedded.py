@@ -11,8 +11,8 @@ from pathlib import Path
 from coalora.artifacts import write_json, write_jsonl
 from coalora.data.benchmarks import benchmark_items
 from coalora.data.corpus import instructions, text_splits
-from coalora.data.layout import BENCHMARK_KEYS, BENCHMARK_NAMES, data_file
-from coalora.data.summary import summarize
+from coalora.data.layout import BENCHMARK_KEYS, data_file
+from coalora.data.summary import BENCHMARK_NAMES, summarize
 from coalora.data.world import World, generate_world
 from coalora.params import Params
 

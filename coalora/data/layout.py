@@ -42,8 +42,6 @@ FILES = {
     "winogrande": "benchmarks/winogrande.jsonl",
 }
 BENCHMARK_KEYS = ("boolq", "arc_easy", "arc_challenge", "winogrande")
-BENCHMARK_NAMES = {"boolq": "BoolQ", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge",
-                   "winogrande": "WinoGrande"}
 TEXT_KEYS = ("c4_pretrain", "c4_train", "c4_validation")
 
 

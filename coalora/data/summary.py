@@ -7,6 +7,9 @@ from collections import Counter
 from coalora.data.layout import BENCHMARK_KEYS, FILES, TEXT_KEYS
 
 LABEL_FIELDS = {"boolq": "label", "arc_easy": "answerKey", "arc_challenge": "answerKey", "winogrande": "answer"}
+# What each benchmark is called in the report (coalora.stages.evaluate.benchmark_names).
+BENCHMARK_NAMES = {"boolq": "BoolQ", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge",
+                   "winogrande": "WinoGrande"}
 
 
 def label_balance(key: str, rows: list[dict]) -> dict[str, int]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from coalora import interrupt
 from coalora.artifacts import content_id, folder_digest, read_json, write_json, write_text_atomic
-from coalora.data import layout
+from coalora.data.summary import BENCHMARK_NAMES
 from coalora.errors import UserError
 from coalora.params import Params
 from coalora.stages.core import Stage, StageContext
@@ -232,7 +232,7 @@ def benchmark_names(data_dir: Path, tasks) -> dict[str, str]:
         if isinstance(description, dict):
             description = description.get("name")
         names[t] = description if isinstance(description, str) else fallback.format(
-            name=layout.BENCHMARK_NAMES.get(t, t))
+            name=BENCHMARK_NAMES.get(t, t))
     return names
 
 
