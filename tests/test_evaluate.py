@@ -54,6 +54,8 @@ def fixture_rows(seed: int = 0) -> dict[str, list[dict]]:
         "arc_easy": [arc(i, "e") for i in range(7)],
         "arc_challenge": [arc(i, "c") for i in range(5)],
         "winogrande": wino,
+        "c4_pretrain": [{"text": doc(i), "url": f"https://world.invalid/p{i}", "timestamp": "2020-01-01T00:00:00Z"}
+                        for i in range(60)],
     }
 
 

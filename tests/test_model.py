@@ -172,3 +172,19 @@ def test_base_model_stage_with_an_unavailable_hub_model_fails_clearly(tmp_path, 
     with pytest.raises(OfflineError, match="coalora-tests/absent"):
         build_base_model(hub, ctx)
     assert list(ctx.out.iterdir()) == []
+
+
+def test_builtin_model_without_pretraining_text_is_refused(tmp_path, smoke):
+    """The packaged source writes no pretraining text: the built-in model would otherwise be pretrained on
+    what it is then fine-tuned on (layout.py)."""
+    from coalora.artifacts import write_jsonl
+    from coalora.data import layout
+    from coalora.stages.base_model import build_base_model
+
+    write_fixture_data(tmp_path / "data")
+    write_jsonl(layout.data_file(tmp_path / "data", "c4_pretrain"), [])
+    ctx = _context(tmp_path, tmp_path / "data", "empty")
+    with pytest.raises(UserError, match=r"model\.name_or_path: builtin needs pretraining text, and data\.source: "
+                                        r"embedded has none"):
+        build_base_model(smoke, ctx)
+    assert list(ctx.out.iterdir()) == []

@@ -35,7 +35,8 @@ def test_dump_round_trips(repo_root):
 @pytest.mark.parametrize("path, value, expected", [
     (("model", "builtin", "lr"), -1.0, "model.builtin.lr: Input should be greater than 0"),
     (("world", "n_items"), "many", "world.n_items: Input should be a valid integer"),
-    (("world", "n_entities"), 2, "world.n_entities: Input should be greater than or equal to 8"),
+    (("world", "n_entities"), 2, "world.n_entities: Input should be greater than or equal to 12"),
+    (("world", "n_practice"), 4999, "world: Value error, n_practice 4999 must leave at least 8 of n_entities 144"),
     (("data", "source"), "s3", "data.source: Input should be 'embedded', 'hub' or 'packaged'"),
     (("eval", "tasks"), ["boolq", "mmlu"], "eval.tasks.1: Input should be 'boolq', 'arc_easy'"),
     (("calibrate", "n_sequences"), True, "calibrate.n_sequences: Input should be a valid integer"),

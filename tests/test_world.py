@@ -1,4 +1,4 @@
-"""The embedded world and its files: schemas, determinism, balance, answerability, learnability."""
+"""The embedded world and its files: schemas, determinism, balance, answerability, learnability, no leaks."""
 
 from __future__ import annotations
 
@@ -14,13 +14,17 @@ import pytest
 
 from coalora.artifacts import read_json, read_jsonl
 from coalora.data import phrasing as ph
-from coalora.data.benchmarks import benchmark_items
+from coalora.data.benchmarks import benchmark_items, capacity
 from coalora.data.embedded import WORLD_FILE, build_embedded, write_embedded
-from coalora.data.layout import BENCHMARK_KEYS, FILES, data_file
+from coalora.data.layout import BENCHMARK_KEYS, FILES, TEXT_KEYS, data_file
+from coalora.data.leaks import leaked_items, normalise, probes, training_documents
+from coalora.data.summary import BENCHMARK_NAMES
 from coalora.data.world import World, generate_world
+from coalora.errors import UserError
 from coalora.params import load_params, validate
 from coalora.stages.core import run_stage
 from coalora.stages.data import STAGE
+from coalora.stages.evaluate import benchmark_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,37 +48,42 @@ def default():
 
 # ---- the world ------------------------------------------------------------------------------------------
 def test_world_is_deterministic_and_round_trips_through_json():
-    world = generate_world(5, 30)
-    assert world == generate_world(5, 30)
-    assert generate_world(6, 30) != world
+    world = generate_world(5, 30, 10)
+    assert world == generate_world(5, 30, 10)
+    assert generate_world(6, 30, 10) != world
     assert World.from_dict(json.loads(json.dumps(world.to_dict()))) == world
 
 
-def test_world_names_and_balanced_attributes():
-    world = generate_world(11, 60)
+def test_world_names_groups_and_balanced_attributes():
+    world = generate_world(11, 96, 24)
     names = [e.name.lower() for e in world.entities]
-    assert len(set(names)) == 60
+    assert len(set(names)) == 96
     assert not any(a != b and b.startswith(a) for a in names for b in names), "a name is a prefix of another"
-    for relation in ("kind", "color", "food", "home", "sound"):
-        counts = Counter(getattr(e, relation) for e in world.entities)
-        assert len(counts) == 6 and max(counts.values()) - min(counts.values()) <= 1, relation
-    for entity in world.entities:  # best friends are mutual
+    assert world.practice == tuple(e.name for e in world.entities[:24]) and len(world.tested()) == 72
+    for group in (world.entities[:24], world.tested()):   # balanced within each group, not just overall
+        for relation in ("kind", "color", "food", "home", "sound"):
+            counts = Counter(getattr(e, relation) for e in group)
+            assert len(counts) == 6 and max(counts.values()) - min(counts.values()) <= 1, relation
+    for entity in world.entities:  # best friends are mutual, and of the same group
         assert entity.friend and world.entity(entity.friend).friend == entity.name
-    odd = generate_world(11, 9)
-    assert sum(e.friend is None for e in odd.entities) == 1
+        assert world.is_practice(entity.friend) == world.is_practice(entity.name)
+    odd = generate_world(11, 22, 5)  # two odd-sized groups: one creature without a friend in each
+    assert sum(e.friend is None for e in odd.entities) == 2
+    with pytest.raises(ValueError, match="at least 4 practice and 8 tested"):
+        generate_world(11, 20, 13)
 
 
 def test_no_name_is_a_word_of_the_corpus():
     """Every word of the text is a creature's name, a pool word, or reserved (so no creature is called "Lake")."""
     from coalora.data import world as w
 
-    world, rows = build_embedded(21, 40, 400, 20, 100, 40)
+    world, rows = build_embedded(21, 40, 10, 300, 300, 20, 100, 40)
     names = {e.name.lower() for e in world.entities}
     pools = {x.lower() for pool in (w.KIND_POOL, w.PLACE_POOL, w.COLOR_POOL, w.FOOD_POOL, w.COVERING_POOL)
              for x in pool}
     pools |= {k + "s" for k in pools} | {x for pool in (w.SOUND_POOL, w.WINTER_POOL) for forms in pool
                                          for form in forms for x in form.split()}
-    words = {x for key in ("c4_train", "instruct", "boolq", "arc_easy", "arc_challenge", "winogrande")
+    words = {x for key in ("c4_pretrain", "c4_train", "instruct", "boolq", "arc_easy", "arc_challenge", "winogrande")
              for row in rows[key] for field in ("text", "instruction", "input", "output", "question", "passage",
                                                 "sentence") if field in row
              for x in re.findall(r"[a-z]+", row[field].lower()) if len(x) >= 4}
@@ -83,7 +92,7 @@ def test_no_name_is_a_word_of_the_corpus():
 
 
 def test_rules_hold_for_every_member():
-    world = generate_world(3, 20)
+    world = generate_world(3, 20, 4)
     for entity in world.entities:
         kind = world.kind_of(entity.name)
         assert world.holds(ph.Fact(kind.name, "winter", kind.winter))
@@ -93,6 +102,7 @@ def test_rules_hold_for_every_member():
 
 # ---- files: schemas, determinism ----------------------------------------------------------------------------
 SCHEMAS = {
+    "c4_pretrain": {"text": str, "timestamp": str, "url": str},
     "c4_train": {"text": str, "timestamp": str, "url": str},
     "c4_validation": {"text": str, "timestamp": str, "url": str},
     "instruct": {"instruction": str, "input": str, "output": str},
@@ -108,7 +118,7 @@ def check_schema(key: str, row: dict) -> None:
     assert set(row) == set(schema), (key, row)
     for field, typ in schema.items():
         assert type(row[field]) is typ, (key, field, row)
-    if key in ("c4_train", "c4_validation"):
+    if key in TEXT_KEYS:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["timestamp"])
         assert re.fullmatch(r"https://[a-z0-9-]+\.example/[a-z0-9-]+", row["url"])
     if key == "boolq":
@@ -128,7 +138,8 @@ def test_write_embedded_smoke_profile(tmp_path):
     params = load_params(ROOT, "smoke")
     summary = write_embedded(params, tmp_path)
     w = params.world
-    expected = {"c4_train": w.n_train_docs, "c4_validation": w.n_validation_docs, "instruct": w.n_instructions,
+    expected = {"c4_pretrain": w.n_pretrain_docs, "c4_train": w.n_train_docs, "c4_validation": w.n_validation_docs,
+                "instruct": w.n_instructions,
                 **{key: w.n_items for key in BENCHMARK_KEYS}}
     for key, count in expected.items():
         rows = read_jsonl(data_file(tmp_path, key))
@@ -136,10 +147,28 @@ def test_write_embedded_smoke_profile(tmp_path):
         for row in rows:
             check_schema(key, row)
     world = World.from_dict(read_json(tmp_path / WORLD_FILE))
-    assert world == generate_world(params.seed, w.n_entities)
+    assert world == generate_world(params.seed, w.n_entities, w.n_practice)
     assert summary["world"]["entities"] == w.n_entities
+    assert summary["world"]["tested"] == w.n_entities - w.n_practice
     assert summary["labels"]["boolq"] == {"0": w.n_items // 2, "1": w.n_items // 2}
     json.dumps(summary)
+    # the report calls the benchmarks what they are (stages.evaluate.benchmark_names reads the summary)
+    (tmp_path / "stage.json").write_text(json.dumps({"summary": summary}))
+    names = benchmark_names(tmp_path, BENCHMARK_KEYS)
+    tested = w.n_entities - w.n_practice
+    assert names["arc_challenge"].startswith(f"synthetic ARC-Challenge-format quiz about {tested} held-out creatures")
+    assert all(f"{BENCHMARK_NAMES[key]}-format" in names[key] and "never asked" in names[key] for key in BENCHMARK_KEYS)
+
+
+def test_benchmark_names_read_a_source_s_own_names(tmp_path):
+    """A source may describe a benchmark by a string or by an object with a ``name`` (packaged); else the
+    report falls back to the task and the source."""
+    summary = {"source": "packaged", "benchmarks": {"boolq": {"name": "BoolQ validation, 3,270 items"},
+                                                    "arc_easy": "ARC-Easy test"}}
+    (tmp_path / "stage.json").write_text(json.dumps({"summary": summary}))
+    assert benchmark_names(tmp_path, ["boolq", "arc_easy", "winogrande"]) == {
+        "boolq": "BoolQ validation, 3,270 items", "arc_easy": "ARC-Easy test",
+        "winogrande": "WinoGrande (packaged data)"}
 
 
 def test_default_sizes_schemas(default):
@@ -221,8 +250,8 @@ def test_no_fixed_strategy_beats_chance_on_arc(default, key):
     truth = [r["answerKey"] for r in rows]
     for label in "ABCD":
         assert _accuracy([label] * len(rows), truth) == pytest.approx(0.25, abs=0.01)
-    # The answer prior a model can learn: how often each string follows "Answer:" in the train text.
-    prior = Counter(re.findall(r"\nAnswer: ([^\n]+)", "\n".join(r["text"] for r in default[1]["c4_train"])))
+    # The answer prior a model can learn: how often each string follows "Answer:" in the trained-on text.
+    prior = Counter(re.findall(r"\nAnswer: ([^\n]+)", "\n".join(training_documents(default[1]))))
     strategies = {"longest": lambda t, r: len(t), "shortest": lambda t, r: -len(t),
                   "most frequent answer": lambda t, r: prior[t], "least frequent answer": lambda t, r: -prior[t]}
     for name, score in strategies.items():
@@ -256,11 +285,6 @@ def _phrases(world: World, entity: str) -> set[str]:
     return {p.lower() for p in out if p}
 
 
-def _kind_phrases(world: World, kind: str) -> set[str]:
-    k = world.kind(kind)
-    return {k.winter, world.base(k.winter), k.covering}
-
-
 def _mentions(text: str, phrase: str) -> bool:
     return re.search(rf"(?<![\w']){re.escape(phrase)}(?![\w'])", text.lower()) is not None
 
@@ -268,12 +292,9 @@ def _mentions(text: str, phrase: str) -> bool:
 def oracle_boolq(world: World, row: dict) -> int:
     q = row["question"]
     names = [e.name for e in world.entities if _mentions(q, e.name.lower())]
-    if names:
-        subject = min(names, key=lambda n: q.index(n.lower()))
-        rest = q.replace(subject.lower(), " ", 1)
-        return int(any(_mentions(rest, p) for p in _phrases(world, subject)))
-    kind = next(k.name for k in world.kinds if _mentions(q, k.plural))
-    return int(any(_mentions(q, p) for p in _kind_phrases(world, kind)))
+    subject = min(names, key=lambda n: q.index(n.lower()))
+    rest = q.replace(subject.lower(), " ", 1)
+    return int(any(_mentions(rest, p) for p in _phrases(world, subject)))
 
 
 def oracle_arc(world: World, row: dict) -> list[str]:
@@ -325,15 +346,78 @@ def test_arc_challenge_needs_more_than_one_stored_fact(default):
     assert sum(len(i.facts) == 2 for i in items["arc_challenge"]) >= len(items["arc_challenge"]) // 3
 
 
-def test_benchmark_items_are_distinct(default):
-    rows = default[1]
+def test_benchmark_items_are_distinct_and_about_tested_creatures(default):
+    world, rows, items = default
     assert len({r["question"] for r in rows["boolq"]}) == len(rows["boolq"])
     assert len({r["sentence"] for r in rows["winogrande"]}) == len(rows["winogrande"])
-    for key in ("arc_easy", "arc_challenge"):
-        assert len({(r["question"], r["answerKey"], tuple(r["choices"]["text"])) for r in rows[key]}) == len(rows[key])
+    names = {e.name for e in world.entities}
+    for key in BENCHMARK_KEYS:
+        # each (question form, creature) at most once: no item repeats another's question about the same fact
+        subjects = [(item.form, item.facts[0].subject) for item in items[key]]
+        if key == "arc_challenge":  # reverse look-ups: the creature is the answer
+            subjects = [(item.form, tuple(f.subject for f in item.facts)) for item in items[key]]
+        assert len(set(subjects)) == len(subjects), key
+        for item in items[key]:
+            mentioned = {w for field in ("question", "passage", "sentence", "option1", "option2") if field in item.row
+                         for w in re.findall(r"[A-Za-z]+", item.row[field]) if w.capitalize() in names}
+            mentioned |= {t for t in item.row.get("choices", {}).get("text", ()) if t in names}
+            assert mentioned and not any(world.is_practice(n.capitalize()) for n in mentioned), item.row
 
 
-# ---- learnability: the train text teaches every fact and every prompt format --------------------------------------
+def test_the_default_world_holds_500_distinct_items_per_benchmark_and_refuses_more():
+    params = load_params(ROOT)
+    world = generate_world(params.seed, params.world.n_entities, params.world.n_practice)
+    assert params.world.n_items >= 500
+    assert min(capacity(world).values()) >= params.world.n_items
+    tested = len(world.tested())
+    assert capacity(world)["arc_easy"] == 5 * tested and capacity(world)["winogrande"] == 7 * tested
+    small = generate_world(1, 20, 4)
+    with pytest.raises(UserError, match=r"world\.n_items: 81 items .* at most 80"):
+        benchmark_items(small, 81, 1)
+    assert all(len(rows) == 80 for rows in benchmark_items(small, 80, 1).values())
+
+
+# ---- no leaks: no benchmark item occurs in any text a model is trained on --------------------------------------
+def test_leak_probes_find_a_planted_item_and_nothing_inside_longer_words():
+    boolq = {"question": "does zorp eat fish", "passage": "", "idx": 0, "label": 0}
+    arc = {"id": "x", "question": "What does Zorp eat?", "choices": {"text": ["fish"] * 4, "label": list("ABCD")},
+           "answerKey": "A"}
+    wino = {"sentence": "Zorp and Mip met, and _ was red.", "option1": "Zorp", "option2": "Mip", "answer": "1"}
+    bench = {"boolq": [boolq], "arc_easy": [arc], "winogrande": [wino]}
+    assert probes("winogrande", wino) == ["zorp and mip met, and zorp was red.", "zorp and mip met, and mip was red."]
+    clean = ["Zorp does not eat fish.", "What does Zorpa eat?", "Zorp and Mip met, and Zorp was redder.",
+             "Question: Does Zorp eat fishcakes?", "What does Zorp\x00eat?"]
+    assert leaked_items(bench, clean) == {"boolq": [], "arc_easy": [], "winogrande": []}
+    assert leaked_items(bench, ["Tell me what does Zorp eat"])["arc_easy"] == [0]  # strict: no "?" needed
+    planted = ["Quiz\nQuestion: Does   Zorp EAT fish?\nAnswer: no", "zorp and mip met, and MIP was red. The end."]
+    assert leaked_items(bench, planted) == {"boolq": [0], "arc_easy": [], "winogrande": [0]}
+    assert normalise(" A\n b\t\tC ") == "a b c"
+
+
+@pytest.mark.parametrize("profile", [None, "smoke"])
+def test_no_benchmark_item_leaks_into_trained_text(profile, default):
+    """The pretraining text, the fine-tuning text and the instruction data never hold a benchmark question
+    (BoolQ, ARC) nor a WinoGrande sentence filled in with either option."""
+    if profile is None:
+        rows = default[1]
+    else:
+        params = load_params(ROOT, profile)
+        rows = build_embedded(params.seed, **params.world.model_dump())[1]
+    found = leaked_items({key: rows[key] for key in BENCHMARK_KEYS}, training_documents(rows))
+    assert found == {key: [] for key in BENCHMARK_KEYS}
+
+
+def test_the_leak_check_would_catch_the_old_world_s_quizzes(default):
+    """The same question form asked about a tested creature (what the quizzes did before) is caught."""
+    world, rows, items = default
+    item = items["arc_easy"][0]
+    qtype = ph.ARC_TYPES[item.form]
+    quiz = ph.arc_block(item.row["question"], item.row["choices"]["text"]["ABCD".index(item.row["answerKey"])])
+    found = leaked_items({"arc_easy": rows["arc_easy"]}, [quiz])
+    assert 0 in found["arc_easy"] and qtype.level == "easy"
+
+
+# ---- learnability: the text states every fact and practises every prompt format, on other creatures ------------
 def _sentences(text: str) -> Counter:
     """How often each sentence occurs in ``text``."""
     return Counter(re.split(r"(?<=[.?!])[ \n]+|\n", text))
@@ -348,81 +432,85 @@ def _statement_counts(world: World, text: str, items) -> Counter:
     return counts
 
 
-def test_every_benchmark_fact_is_stated_many_times_in_train_text(default):
+def _text(rows: dict, key: str) -> str:
+    return "\n".join(r["text"] for r in rows[key])
+
+
+@pytest.mark.parametrize("key, least", [("c4_pretrain", 10), ("c4_train", 5)])
+def test_every_benchmark_fact_is_stated_many_times(default, key, least):
+    """The pretraining text teaches every fact a benchmark asks; the fine-tuning text restates them (other
+    pages), so an adapter can recover what quantization damaged."""
     world, rows, items = default
-    text = "\n".join(r["text"] for r in rows["c4_train"])
-    for key in BENCHMARK_KEYS:
-        counts = _statement_counts(world, text, items[key])
-        assert min(counts.values()) >= 10, (key, counts.most_common()[-3:])
+    text = _text(rows, key)
+    for bench in BENCHMARK_KEYS:
+        counts = _statement_counts(world, text, items[bench])
+        assert min(counts.values()) >= least, (bench, counts.most_common()[-3:])
 
 
 def test_smoke_world_still_states_every_benchmark_fact():
     params = load_params(ROOT, "smoke")
     world, rows = build_embedded(params.seed, **params.world.model_dump())
     items = benchmark_items(world, params.world.n_items, params.seed)
-    text = "\n".join(r["text"] for r in rows["c4_train"])
+    text = _text(rows, "c4_pretrain")
     for key in BENCHMARK_KEYS:
         assert min(_statement_counts(world, text, items[key]).values()) >= 2, key
 
 
-def test_train_text_teaches_the_lm_eval_prompt_formats(default):
+def test_text_practises_every_lm_eval_prompt_format_on_practice_creatures(default):
     world, rows, items = default
-    text = "\n".join(r["text"] for r in rows["c4_train"])
-    yes = re.findall(r"\nQuestion: [a-z ]+\?\nAnswer: yes(?:\n|$)", text)
-    no = re.findall(r"\nQuestion: [a-z ]+\?\nAnswer: no(?:\n|$)", text)
-    assert len(yes) >= 300 and len(no) >= 300 and abs(len(yes) - len(no)) < 0.2 * len(yes)
-    assert len(re.findall(r"(?:^|\n)Question: [A-Z][^\n]*\?\nAnswer: [^\n]+", text)) >= 2000
-    # every BoolQ question form, both answers; and every practised ARC question form
-    for row in rows["boolq"][:50]:
-        form = row["question"].split()[0]
-        assert re.search(rf"\nQuestion: {form} [a-z ]+\?\nAnswer: (yes|no)", text)
-    easy_questions = {r["question"] for r in rows["arc_easy"]}
-    assert sum(f"Question: {q}\nAnswer: " in text for q in easy_questions) >= 0.9 * len(easy_questions)
-    # WinoGrande sentences appear filled in, e.g. "... and Zorp bought berries because ..."
-    filled = [r["sentence"].replace("_", r["option" + r["answer"]]) for r in rows["winogrande"]]
-    after = [s.split(" and ", 1)[1] for s in filled if " and " in s]
-    assert sum(a.split(",")[-1].strip() in text for a in after) >= 0.5 * len(after)
+    for key in ("c4_pretrain", "c4_train"):
+        text = _text(rows, key)
+        yes = re.findall(r"\nQuestion: [a-z ]+\?\nAnswer: yes(?:\n|$)", text)
+        no = re.findall(r"\nQuestion: [a-z ]+\?\nAnswer: no(?:\n|$)", text)
+        assert len(yes) >= 300 and len(no) >= 300 and abs(len(yes) - len(no)) < 0.2 * len(yes)
+        quiz = re.findall(r"(?:^|\n)Question: ([A-Z][^\n]*\?)\nAnswer: ([^\n]+)", text)
+        assert len(quiz) >= 1000
+        # every creature named in a question or an answer is a practice creature
+        names = {e.name for e in world.entities}
+        for question, answer in quiz + [(q, "") for q in re.findall(r"\nQuestion: ([a-z ]+)\?", text)]:
+            named = {w.capitalize() for w in re.findall(r"[A-Za-z]+", question + " " + answer)} & names
+            assert all(world.is_practice(n) for n in named), (question, answer)
+    text = _text(rows, "c4_pretrain")
+    # every BoolQ form with both answers, and every ARC form the benchmarks use, in the same words
+    for qtype in ph.BOOLQ_TYPES.values():
+        head = qtype.template.split()[0]
+        for answer in ("yes", "no"):
+            assert re.search(rf"\nQuestion: {head} [a-z ]+\?\nAnswer: {answer}", text), (qtype.name, answer)
+    for qtype in ph.ARC_TYPES.values():
+        for template in qtype.quiz_templates:
+            form = re.sub(r"\\\{\w+\\\}", "[A-Za-z]+", re.escape(template))
+            assert re.search(rf"\nQuestion: {form}\nAnswer: ", text), (qtype.name, template)
 
 
-def test_every_boolq_question_is_practised_with_its_answer_and_its_no_fact_stated(default):
-    """The "no" answers are facts too: each no-question asks a creature's foil, which the text negates."""
+def test_no_answers_are_stated_facts(default):
+    """A BoolQ "no" asks a creature's foil, which the text negates (and never asks about a tested creature)."""
+    world, rows, items = default
+    sentences = _sentences(_text(rows, "c4_pretrain"))
+    for item in items["boolq"]:
+        subject = item.facts[0].subject
+        qtype = ph.BOOLQ_TYPES[item.form]
+        foil = ph.foil(world, qtype.relation, subject)
+        assert foil != ph.entity_value(world, subject, qtype.relation)
+        if not item.row["label"]:
+            assert sum(sentences[s] for s in ph.negations(world, qtype.relation, subject)) >= 2, item.row
+
+
+def test_text_splits_share_no_page(default):
     world, rows, _ = default
-    text = "\n".join(r["text"] for r in rows["c4_train"])
-    for row in rows["boolq"]:
-        right, wrong = ("yes", "no") if row["label"] else ("no", "yes")
-        assert f"\nQuestion: {row['question']}?\nAnswer: {right}" in text, row["question"]
-        assert f"\nQuestion: {row['question']}?\nAnswer: {wrong}" not in text, row["question"]
-    sentences = _sentences(text)
-    for entity in world.entities:
-        for qtype in ph.BOOLQ_TYPES.values():
-            if qtype.about == "entity" and (qtype.relation != "friend" or entity.friend):
-                foil = ph.foil(world, qtype.relation, entity.name)
-                assert foil != ph.wino_value(world, entity.name, qtype.relation)
-                assert sum(sentences[s] for s in ph.negations(world, qtype.relation, entity.name)) >= 2
-
-
-def test_two_hop_questions_are_never_practised(default):
-    world, rows, _ = default
-    text = "\n".join(r["text"] for r in rows["c4_train"])
-    hops = [r for r in rows["arc_challenge"] if "winter" in r["question"] or "body of" in r["question"]]
-    assert len(hops) >= len(rows["arc_challenge"]) // 3
-    assert not any(f"Question: {r['question']}" in text for r in hops)
-
-
-def test_validation_text_is_new_text_about_the_same_world(default):
-    world, rows, _ = default
-    train = {r["text"] for r in rows["c4_train"]}
-    validation = [r["text"] for r in rows["c4_validation"]]
-    assert not train & set(validation)
-    assert len(set(validation)) == len(validation)
+    texts = {key: [r["text"] for r in rows[key]] for key in TEXT_KEYS}
+    for key, split in texts.items():
+        assert len(set(split)) == len(split), key
+    assert not set(texts["c4_pretrain"]) & set(texts["c4_train"])
+    assert not (set(texts["c4_pretrain"]) | set(texts["c4_train"])) & set(texts["c4_validation"])
     names = {e.name for e in world.entities}
-    assert all(any(n in t for n in names) or "Question:" in t for t in validation)
-    urls = [r["url"] for r in rows["c4_train"] + rows["c4_validation"]]
+    assert all(any(n in t for n in names) or "Question:" in t for t in texts["c4_validation"])
+    urls = [r["url"] for key in TEXT_KEYS for r in rows[key]]
     assert len(set(urls)) == len(urls)
 
 
 def test_documents_are_short_web_pages(default):
     _, rows, _ = default
-    words = [len(r["text"].split()) for r in rows["c4_train"]]
-    assert sum(40 <= w <= 150 for w in words) >= 0.8 * len(words)
-    assert max(words) <= 250
+    for key in TEXT_KEYS:
+        words = [len(r["text"].split()) for r in rows[key]]
+        assert sum(30 <= w <= 150 for w in words) >= 0.8 * len(words), key
+        assert max(words) <= 250

@@ -5,11 +5,16 @@ mix is exact: creature profiles (what a creature is, and what it is not), kind a
 quiz pages in lm-eval's ARC format, yes/no quiz pages in its BoolQ format (a passage, then several
 questions it does not answer), and little stories built like WinoGrande sentences. Subjects, questions
 and negated facts are dealt round-robin from shuffled decks, so every creature, kind and place gets about
-the same number of pages, every fact is stated many times in many phrasings, and every yes/no question a
-benchmark can ask is practised with its answer.
+the same number of pages and every fact is stated many times in many phrasings.
 
-The validation split is a fresh draw from another random stream (same world, other phrasings and
-combinations); a page that happens to equal a train page is redrawn.
+Profiles, guides and lists are about every creature; quizzes, yes/no pages, stories and the question-answer
+instructions are about the practice creatures only (world.py), so every question form the benchmarks use is
+practised, and no question a benchmark asks is ever written (``coalora.data.leaks`` checks it).
+
+The text has three splits, each a fresh draw from its own random stream (same world, other phrasings and
+combinations): ``pretrain`` (what the built-in model is pretrained on), ``train`` (what adapters are
+fine-tuned on) and ``validation`` (perplexity, held-out losses), the last made of fact pages only
+(``MIXES``). A page equal to a page of an earlier split is redrawn, so no page is in two splits.
 """
 
 from __future__ import annotations
@@ -25,15 +30,24 @@ from coalora.data.world import World
 T = TypeVar("T")
 
 # Page type → (weight in the deck, websites it appears on).
-PAGE_TYPES: dict[str, tuple[int, tuple[str, ...]]] = {
-    "profile": (23, ("critterwiki", "creaturefacts", "fieldnotes")),
-    "kind": (5, ("critterwiki", "naturecorner")),
-    "place": (5, ("travelguide", "fieldnotes")),
-    "list": (5, ("creaturefacts", "naturecorner")),
-    "faq": (22, ("quizcorner", "askthekeeper")),
-    "boolq": (24, ("quizcorner", "truefalse")),
-    "story": (16, ("storytime", "bedtimetales")),
+# Page type → websites it appears on.
+SITES: dict[str, tuple[str, ...]] = {
+    "profile": ("critterwiki", "creaturefacts", "fieldnotes"),
+    "kind": ("critterwiki", "naturecorner"),
+    "place": ("travelguide", "fieldnotes"),
+    "list": ("creaturefacts", "naturecorner"),
+    "faq": ("quizcorner", "askthekeeper"),
+    "boolq": ("quizcorner", "truefalse"),
+    "story": ("storytime", "bedtimetales"),
 }
+# Page type → weight in the deck, per split. The trained-on text mixes every type; the validation text is
+# the fact pages only (profiles, guides, lists): its perplexity measures what the model knows, not how
+# well it predicts a quiz's boilerplate.
+MIXES: dict[str, dict[str, int]] = {
+    "text": {"profile": 40, "kind": 5, "place": 6, "list": 8, "faq": 15, "boolq": 15, "story": 11},
+    "facts": {"profile": 14, "kind": 2, "place": 2, "list": 2},
+}
+SPLIT_MIX = {"pretrain": "text", "train": "text", "validation": "facts"}
 EPOCH = datetime(2019, 1, 1, tzinfo=timezone.utc)
 SPAN_SECONDS = 2 * 365 * 24 * 3600
 
@@ -60,24 +74,27 @@ class Deck(Generic[T]):
 class PageWriter:
     """Writes pages of every type about one world, from one random stream."""
 
-    def __init__(self, world: World, rng: random.Random):
+    def __init__(self, world: World, rng: random.Random, mix: str = "text"):
         self.world, self.rng = world, rng
-        self.types = Deck([t for t, (weight, _) in PAGE_TYPES.items() for _ in range(weight)], rng)
+        self.types = Deck([t for t, weight in MIXES[mix].items() for _ in range(weight)], rng)
         self.entities = Deck([e.name for e in world.entities], rng)
+        self.practice = Deck(list(world.practice), rng)   # the only creatures questions are asked about
         self.kinds = Deck([k.name for k in world.kinds], rng)
         self.places = Deck(list(world.values["home"]), rng)
-        practised = [t for t in ph.ARC_TYPES.values() if t.name not in ph.UNPRACTISED]
-        self.arc = Deck([(t, s) for t in practised for s in t.subjects(world)], rng)
+        drill = [world.entity(name) for name in world.practice]
+        self.arc = Deck([(t, s, tmpl) for t in ph.ARC_TYPES.values() for s in t.subjects(world, drill)
+                         for tmpl in t.quiz_templates], rng)
         self.boolq = Deck(list(ph.BOOLQ_TYPES.values()), rng)
         self.answers = Deck([True, False], rng)
         # Per creature, what it is not (its foils, the BoolQ "no" facts), every relation in turn.
-        self.negatives = {e.name: Deck([t.relation for t in ph.BOOLQ_TYPES.values() if self._askable(t, e.name)], rng)
+        self.negatives = {e.name: Deck([t.relation for t in ph.BOOLQ_TYPES.values() if ph.askable(world, t, e.name)],
+                                       rng)
                           for e in world.entities}
-        # Per subject, every (question type, answer) in turn: each yes/no question the benchmark can ask is
-        # practised equally often.
-        self.questions = {s: Deck([(t, a) for t in ph.BOOLQ_TYPES.values() if self._askable(t, s)
+        # Per practice creature, every (question type, answer) in turn: each yes/no question form is practised
+        # equally often, with both answers.
+        self.questions = {s: Deck([(t, a) for t in ph.BOOLQ_TYPES.values() if ph.askable(world, t, s)
                                    for a in (True, False)], rng)
-                          for s in [e.name for e in world.entities] + [k.name for k in world.kinds]}
+                          for s in world.practice}
         self.lists = Deck(["food", "color", "sound", "kind", "friend"], rng)
         self.wino = Deck(list(ph.WINO_TEMPLATES), rng)
 
@@ -149,40 +166,31 @@ class PageWriter:
         title = rng.choice(("Quiz time", "Questions and answers", "Test your knowledge", "Creature quiz"))
         blocks = []
         for _ in range(rng.randint(4, 7)):
-            qtype, subject = self.arc.deal()
-            q = qtype.ask(self.world, subject, rng.choice(qtype.templates))
+            qtype, subject, template = self.arc.deal()
+            q = qtype.ask(self.world, subject, template)
             blocks.append(ph.arc_block(q.text, q.answer))
         return title, f"{title}\n\n" + "\n\n".join(blocks)
 
     def _boolq(self) -> tuple[str, str]:
-        """A passage about one creature, then 3–6 yes/no questions about it (one question for a kind); the
-        passage states none of what is asked, as in the benchmark."""
-        w, rng, first = self.world, self.rng, self.boolq.deal()
-        subject = self.kinds.deal() if first.about == "kind" else self.entities.deal()
-        wanted = 1 if first.about == "kind" else rng.randint(3, 6)
+        """A passage about one practice creature, then 2–4 yes/no questions about it; the passage states none
+        of what is asked, as in the benchmark."""
+        w, rng, subject = self.world, self.rng, self.practice.deal()
         # dealt from the subject's own deck; a repeat (only at a reshuffle) is dropped
-        asked = list(dict.fromkeys(self.questions[subject].deal() for _ in range(wanted)))
+        asked = list(dict.fromkeys(self.questions[subject].deal() for _ in range(rng.randint(2, 4))))
         exclude = tuple(sorted({rel for qtype, _ in asked for rel in qtype.exclude}))
         questions = [self.yes_no(qtype, subject, answer)[:2] for qtype, answer in asked]
-        return "", ph.boolq_block(ph.passage(w, subject, first.about, exclude, rng), questions)
-
-    def _askable(self, qtype: ph.BoolqType, subject: str) -> bool:
-        if qtype.about == "kind":
-            return self.world.is_kind(subject)
-        return self.world.is_entity(subject) and (qtype.relation != "friend" or bool(self.world.entity(subject).friend))
+        return "", ph.boolq_block(ph.passage(w, subject, exclude, rng), questions)
 
     def subject_for(self, qtype: ph.BoolqType) -> str:
-        """The next subject a yes/no question of ``qtype`` can be asked about."""
-        if qtype.about == "kind":
-            return self.kinds.deal()
-        subject = self.entities.deal()
-        while qtype.relation == "friend" and not self.world.entity(subject).friend:
-            subject = self.entities.deal()
+        """The next practice creature a yes/no question of ``qtype`` can be asked about."""
+        subject = self.practice.deal()
+        while not ph.askable(self.world, qtype, subject):
+            subject = self.practice.deal()
         return subject
 
     def yes_no(self, qtype: ph.BoolqType, subject: str, answer: bool) -> tuple[str, bool, tuple]:
         """(question, answer, facts): a yes/no question of ``qtype`` about ``subject`` with that answer."""
-        value = ph.wino_value(self.world, subject, qtype.relation) if answer else \
+        value = ph.entity_value(self.world, subject, qtype.relation) if answer else \
             ph.foil(self.world, qtype.relation, subject)
         question, facts = ph.boolq_question(self.world, qtype, subject, value)
         return question, answer, facts
@@ -195,9 +203,9 @@ class PageWriter:
                                  "Here is a story we like.", "Every creature here has a tale."))]
         for _ in range(rng.randint(2, 4)):
             relation, template = self.wino.deal()
-            a, b = pick_pair(w, relation, rng, self.entities.deal())
+            a, b = pick_pair(w, relation, rng, self.practice.deal())
             first, second = (a, b) if rng.random() < 0.5 else (b, a)
-            sentence = template.format(a=first, b=second, v=ph.wino_value(w, a, relation))
+            sentence = template.format(a=first, b=second, v=ph.entity_value(w, a, relation))
             sentences.append(sentence.replace("_", a))
         sentences.append(rng.choice(("The end.", "And that is how it went.", "Everyone went home happy.")))
         return title, f"{title}\n{' '.join(sentences)}"
@@ -215,11 +223,12 @@ def _list_line(world: World, relation: str, value: str, names: list[str]) -> str
     return f"{joined} are {world.kind(value).plural}." if many else f"{joined} is a {value}."
 
 
-def pick_pair(world: World, relation: str, rng: random.Random, first: str | None = None) -> tuple[str, str]:
-    """Two entities that a WinoGrande sentence about ``relation`` tells apart; ``a`` is the answer."""
-    candidates = [e for e in world.entities if relation != "friend" or e.friend]
-    a = world.entity(first) if first and world.entity(first) in candidates else rng.choice(candidates)
-    others = [b for b in world.entities if ph.wino_can_pair(world, a, b, relation)]
+def pick_pair(world: World, relation: str, rng: random.Random, first: str) -> tuple[str, str]:
+    """Two creatures of ``first``'s group that a WinoGrande sentence about ``relation`` tells apart; ``a`` is
+    the answer: ``first``, or (when ``first`` has no best friend to speak of) another of its group."""
+    candidates = [e for e in world.group(first) if relation != "friend" or e.friend]
+    a = world.entity(first) if world.entity(first) in candidates else rng.choice(candidates)
+    others = [b for b in world.group(first) if ph.wino_can_pair(world, a, b, relation)]
     return a.name, rng.choice(others).name
 
 
@@ -232,11 +241,11 @@ def _timestamp(rng: random.Random) -> str:
     return (EPOCH + timedelta(seconds=rng.randrange(SPAN_SECONDS))).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def documents(world: World, n: int, rng: random.Random, *, avoid_texts: set[str] = frozenset(),
+def documents(world: World, n: int, rng: random.Random, *, mix: str = "text", avoid_texts: set[str] = frozenset(),
               taken_urls: set[str] | None = None) -> list[dict]:
     """``n`` C4-schema rows ``{text, timestamp, url}``; none equal to a text in ``avoid_texts``, urls unique
     (``taken_urls`` is updated with the urls used)."""
-    writer = PageWriter(world, rng)
+    writer = PageWriter(world, rng, mix)
     taken_urls = set() if taken_urls is None else taken_urls
     rows, seen = [], set(avoid_texts)
     while len(rows) < n:
@@ -244,7 +253,7 @@ def documents(world: World, n: int, rng: random.Random, *, avoid_texts: set[str]
         if text in seen:
             continue
         seen.add(text)
-        site = rng.choice(PAGE_TYPES[kind][1])
+        site = rng.choice(SITES[kind])
         while True:
             url = f"https://{site}.example/{_slug(title or 'quiz')}-{rng.randrange(10_000, 1_000_000)}"
             if url not in taken_urls:
@@ -254,13 +263,17 @@ def documents(world: World, n: int, rng: random.Random, *, avoid_texts: set[str]
     return rows
 
 
-def text_splits(world: World, n_train: int, n_validation: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """The train and validation text: two random streams; validation pages never repeat a train page."""
+def text_splits(world: World, sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
+    """The text splits (split name → number of pages, e.g. ``{"pretrain": 8000, "train": 4000, "validation":
+    300}``), each from its own random stream; no page and no url is in two splits."""
     urls: set[str] = set()
-    train = documents(world, n_train, random.Random(f"coalora-text:{seed}:train"), taken_urls=urls)
-    validation = documents(world, n_validation, random.Random(f"coalora-text:{seed}:validation"),
-                           avoid_texts={row["text"] for row in train}, taken_urls=urls)
-    return train, validation
+    texts: set[str] = set()
+    splits = {}
+    for name, n in sizes.items():
+        splits[name] = documents(world, n, random.Random(f"coalora-text:{seed}:{name}"), mix=SPLIT_MIX[name],
+                                 avoid_texts=texts, taken_urls=urls)
+        texts |= {row["text"] for row in splits[name]}
+    return splits
 
 
 # ---- instruction data ---------------------------------------------------------------------------------------
@@ -289,8 +302,8 @@ def instructions(world: World, n: int, seed: int) -> list[dict]:
 
 def _instruction(world: World, writer: PageWriter, kind: str, rng: random.Random) -> dict:
     if kind == "qa":
-        qtype, subject = writer.arc.deal()
-        q = qtype.ask(world, subject, rng.choice(qtype.templates))
+        qtype, subject, template = writer.arc.deal()
+        q = qtype.ask(world, subject, template)
         return {"instruction": "Answer the question about the world.", "input": q.text,
                 "output": _answer_sentence(world, q.facts)}
     if kind == "yesno":
@@ -309,9 +322,9 @@ def _instruction(world: World, writer: PageWriter, kind: str, rng: random.Random
                 "output": " ".join(ph.kind_sentences(world, kind_name, rng))}
     if kind == "blank":
         relation, template = writer.wino.deal()
-        a, b = pick_pair(world, relation, rng, writer.entities.deal())
+        a, b = pick_pair(world, relation, rng, writer.practice.deal())
         first, second = (a, b) if rng.random() < 0.5 else (b, a)
-        sentence = template.format(a=first, b=second, v=ph.wino_value(world, a, relation))
+        sentence = template.format(a=first, b=second, v=ph.entity_value(world, a, relation))
         return {"instruction": "Fill in the blank with the right name.",
                 "input": f"{sentence}\nOptions: {first}, {second}", "output": a}
     place = writer.places.deal()

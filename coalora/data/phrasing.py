@@ -1,8 +1,9 @@
 """The language of the embedded world: how facts are stated and asked, shared by corpus and benchmarks.
 
 Templates are data. A statement template renders one fact; a question type renders a benchmark question
-together with its answer, the wrong answers it may be offered, and the facts it needs. The corpus teaches
-exactly the facts and question formats that the benchmarks ask, in lm-eval's own prompt formats:
+together with its answer, the wrong answers it may be offered, and the facts it needs. The corpus states
+every fact the benchmarks need and practises every question format they use, in lm-eval's own prompt
+formats, on other creatures (world.py: practice and tested creatures):
 
     BoolQ   "{passage}\\nQuestion: {question}?\\nAnswer:" + " yes" | " no"
     ARC     "Question: {question}\\nAnswer:" + " {choice}"
@@ -10,6 +11,9 @@ exactly the facts and question formats that the benchmarks ask, in lm-eval's own
 
 A "no" is a fact too: every (subject, relation) has one fixed *foil*, a false value the text negates
 ("Zorp does not eat fish.") and the yes/no questions ask ("does zorp eat fish? no").
+
+A creature's ``winter`` and ``covering`` are its kind's rules (:func:`entity_value`): asking them of a
+creature takes two hops, its kind and the kind's rule.
 
 Placeholders: ``{e}`` entity, ``{v}`` value, ``{vb}`` bare verb of the value, ``{k}``/``{ks}``/``{Ks}``
 kind, plural, capitalised plural, ``{place}`` a place.
@@ -21,7 +25,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from coalora.data.world import Entity, Fact, World
+from coalora.data.world import KIND_RELATIONS, Entity, Fact, World
 
 # ---- statements -----------------------------------------------------------------------------------------
 STATEMENTS: dict[str, tuple[str, ...]] = {
@@ -54,8 +58,10 @@ NEGATIONS: dict[str, tuple[str, ...]] = {
     "sound": ("{e} does not {vb}.",),
     "friend": ("{e} and {v} are not best friends.",),
     "winter": ("{e} does not {vb} in winter.",),
-    "covering": ("{Ks} do not have {v}.",),
+    "covering": ("{e} is not covered in {v}.", "{e} does not have {v}."),
 }
+KIND_NEGATIONS: dict[str, tuple[str, ...]] = {"covering": ("{Ks} do not have {v}.",),
+                                              "winter": ("{Ks} do not {vb} in winter.",)}
 FILLERS = ("Here is what we know about it.", "Visitors often ask about it.", "It is a gentle creature.",
            "Many people have written about it.", "It is easy to like.", "Read on to learn more.",
            "We met it last spring.", "It has lived there for years.")
@@ -92,13 +98,19 @@ def apply_rule(world: World, entity: str, relation: str, rng: random.Random) -> 
     return render(rng.choice(APPLIED_RULES[relation]), world, Fact(entity, relation, getattr(kind, relation)))
 
 
+def entity_value(world: World, entity: str, relation: str) -> str:
+    """What is true of ``entity`` for ``relation``: an attribute, or its kind's rule (``winter``, ``covering``)."""
+    if relation in KIND_RELATIONS:
+        return getattr(world.kind_of(entity), relation)
+    return world.value(entity, relation)
+
+
 def false_values(world: World, relation: str, subject: str) -> list[str]:
-    """The values that make ``(subject, relation, value)`` false, in a fixed order. ``winter`` of an entity
-    is its kind's habit (the rule applied)."""
-    true = world.kind_of(subject).winter if relation == "winter" and world.is_entity(subject) \
-        else world.value(subject, relation)
+    """The values that make ``(subject, relation, value)`` false, in a fixed order (a creature's rule
+    relations through its kind; a false best friend from its own group)."""
+    true = entity_value(world, subject, relation) if world.is_entity(subject) else world.value(subject, relation)
     if relation == "friend":
-        return [e.name for e in world.entities if e.name not in (subject, true)]
+        return [e.name for e in world.group(subject) if e.name not in (subject, true)]
     return [v for v in world.options(relation) if v != true]
 
 
@@ -115,12 +127,11 @@ def negate(world: World, relation: str, subject: str, rng: random.Random) -> str
 
 
 def negations(world: World, relation: str, subject: str) -> list[str]:
-    """Every way the corpus states that ``subject`` does not have its foil for ``relation``."""
+    """Every way the corpus states that ``subject`` (a creature, or a kind) does not have its foil."""
     value = foil(world, relation, subject)
-    if relation == "winter" and world.is_entity(subject):
-        slots = _slots(world, world.kind_of(subject).name, "winter", value) | {"e": subject}
-    else:
-        slots = _slots(world, subject, relation, value)
+    if world.is_kind(subject):
+        return [t.format(**_slots(world, subject, relation, value)) for t in KIND_NEGATIONS[relation]]
+    slots = _slots(world, subject, relation, value) | {"e": subject}
     return [t.format(**slots) for t in NEGATIONS[relation]]
 
 
@@ -167,23 +178,32 @@ class Question:
 class ArcType:
     """One kind of multiple-choice question.
 
-    ``subjects(world)`` lists what it can ask about; ``ask(world, subject, template)`` renders one question.
-    ``level`` is ``easy`` or ``challenge`` (evaluation and practice) or ``practice`` (train text only).
+    ``subjects(world, creatures)`` lists what it can ask about a group of creatures (the tested ones for the
+    benchmarks, the practice ones for the text's quizzes); ``ask(world, subject, template)`` renders one
+    question. ``level`` is ``easy`` or ``challenge`` (benchmarks and quizzes) or ``practice`` (quizzes only).
+    ``templates`` are the benchmark's phrasings, ``practice`` the quizzes' (the same, except where the
+    question names no creature: "Which of these creatures lives in Tarnwood?" is asked by the benchmark
+    only, the quizzes ask "Which creature makes its home in Tarnwood?" about the practice creatures).
     """
 
     name: str
     level: str
     templates: tuple[str, ...]
-    subjects: Callable[[World], list]
+    subjects: Callable[[World, list[Entity]], list]
     ask: Callable[[World, object, str], Question]
+    practice: tuple[str, ...] = ()
+
+    @property
+    def quiz_templates(self) -> tuple[str, ...]:
+        return self.practice or self.templates
 
 
-def _entities(world: World) -> list[str]:
-    return [e.name for e in world.entities]
+def _names(world: World, creatures: list[Entity]) -> list[str]:
+    return [e.name for e in creatures]
 
 
-def _with_friend(world: World) -> list[str]:
-    return [e.name for e in world.entities if e.friend]
+def _with_friend(world: World, creatures: list[Entity]) -> list[str]:
+    return [e.name for e in creatures if e.friend]
 
 
 def _attribute(relation: str, article: str = "") -> Callable[[World, str, str], Question]:
@@ -219,59 +239,60 @@ def _kind_rule(relation: str) -> Callable[[World, str, str], Question]:
     return ask
 
 
+# Creatures as answers: the wrong ones come from the answer's own group, so that "a practice creature's name"
+# (the answer of every quiz) never tells the right choice of a benchmark item.
 def _ask_friend(world: World, entity: str, template: str) -> Question:
     friend = world.entity(entity).friend
-    wrong = tuple(e.name for e in world.entities if e.name not in (entity, friend))
+    wrong = tuple(e.name for e in world.group(entity) if e.name not in (entity, friend))
     return Question(template.format(e=entity), friend, wrong, (Fact(entity, "friend", friend),))
 
 
 def _ask_resident(world: World, subject: tuple[str, str], template: str) -> Question:
     place, resident = subject
-    wrong = tuple(e.name for e in world.entities if e.home != place)
+    wrong = tuple(e.name for e in world.group(resident) if e.home != place)
     return Question(template.format(place=place), resident, wrong, (Fact(resident, "home", place),))
 
 
 def _ask_member(world: World, subject: tuple[str, str], template: str) -> Question:
     kind, member = subject
-    wrong = tuple(e.name for e in world.entities if e.kind != kind)
+    wrong = tuple(e.name for e in world.group(member) if e.kind != kind)
     text = template.format(k=kind, ks=world.kind(kind).plural)
     return Question(text, member, wrong, (Fact(member, "kind", kind),))
 
 
+def _kinds(world: World, creatures: list[Entity]) -> list[str]:
+    return [k.name for k in world.kinds]
+
+
 ARC_TYPES: dict[str, ArcType] = {t.name: t for t in (
-    ArcType("food", "easy", ("What does {e} eat?", "What is the favourite food of {e}?"), _entities,
+    ArcType("food", "easy", ("What does {e} eat?", "What is the favourite food of {e}?"), _names,
             _attribute("food")),
-    ArcType("color", "easy", ("What color is {e}?", "Which color is {e}?"), _entities, _attribute("color")),
-    ArcType("home", "easy", ("Where does {e} live?", "Which place is the home of {e}?"), _entities,
+    ArcType("color", "easy", ("What color is {e}?", "Which color is {e}?"), _names, _attribute("color")),
+    ArcType("home", "easy", ("Where does {e} live?", "Which place is the home of {e}?"), _names,
             _attribute("home")),
-    ArcType("sound", "easy", ("What does {e} do when it is happy?", "What sound does {e} make?"), _entities,
+    ArcType("sound", "easy", ("What does {e} do when it is happy?", "What sound does {e} make?"), _names,
             _attribute("sound")),
-    ArcType("kind", "easy", ("What kind of creature is {e}?", "{e} is which kind of creature?"), _entities,
+    ArcType("kind", "easy", ("What kind of creature is {e}?", "{e} is which kind of creature?"), _names,
             _attribute("kind", article="a ")),
     ArcType("winter_hop", "challenge", ("What does {e} do in winter?", "What does {e} do when winter comes?"),
-            _entities, _rule("winter")),
+            _names, _rule("winter")),
     ArcType("covering_hop", "challenge", ("What covers the body of {e}?", "What is the body of {e} covered with?"),
-            _entities, _rule("covering")),
+            _names, _rule("covering")),
     ArcType("friend", "challenge", ("Who is the best friend of {e}?", "Which creature is the best friend of {e}?"),
             _with_friend, _ask_friend),
-    ArcType("resident", "challenge", ("Which of these creatures lives in {place}?",
-                                      "Which creature makes its home in {place}?"),
-            lambda w: [(e.home, e.name) for e in w.entities], _ask_resident),
-    ArcType("member", "challenge", ("Which of these creatures is a {k}?", "Which creature belongs to the {ks}?"),
-            lambda w: [(e.kind, e.name) for e in w.entities], _ask_member),
-    # Practice only: the rule applied with the kind given, and the rules themselves.
-    ArcType("winter_rule", "practice", ("{e} is a {k}. What does {e} do in winter?",), _entities,
-            _rule("winter")),
-    ArcType("covering_rule", "practice", ("{e} is a {k}. What covers the body of {e}?",), _entities,
+    ArcType("resident", "challenge", ("Which of these creatures lives in {place}?",),
+            lambda w, cs: [(e.home, e.name) for e in cs], _ask_resident,
+            practice=("Which creature makes its home in {place}?",)),
+    ArcType("member", "challenge", ("Which of these creatures is a {k}?",),
+            lambda w, cs: [(e.kind, e.name) for e in cs], _ask_member,
+            practice=("Which creature belongs to the {ks}?",)),
+    # Quizzes only: the rule applied with the kind given, and the rules themselves.
+    ArcType("winter_rule", "practice", ("{e} is a {k}. What does {e} do in winter?",), _names, _rule("winter")),
+    ArcType("covering_rule", "practice", ("{e} is a {k}. What covers the body of {e}?",), _names,
             _rule("covering")),
-    ArcType("kind_winter", "practice", ("What do {ks} do in winter?",), lambda w: [k.name for k in w.kinds],
-            _kind_rule("winter")),
-    ArcType("kind_covering", "practice", ("What covers the body of a {k}?",), lambda w: [k.name for k in w.kinds],
-            _kind_rule("covering")),
+    ArcType("kind_winter", "practice", ("What do {ks} do in winter?",), _kinds, _kind_rule("winter")),
+    ArcType("kind_covering", "practice", ("What covers the body of a {k}?",), _kinds, _kind_rule("covering")),
 )}
-# Asked by the benchmarks but never in the train text's quizzes: answering needs the two hops (the text
-# states the creature's kind, the kind's rule, and only now and then the rule applied to the creature).
-UNPRACTISED = ("winter_hop", "covering_hop")
 
 
 def arc_block(question: str, answer: str) -> str:
@@ -282,18 +303,16 @@ def arc_block(question: str, answer: str) -> str:
 # ---- BoolQ-style questions --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BoolqType:
-    """One kind of yes/no question.
+    """One kind of yes/no question about a creature.
 
-    ``ask(world, subject, value)`` renders the question for a (true or false) value; ``exclude`` lists the
-    relations the passage must not state (so that the answer needs knowledge, not reading). ``about``
-    says whether the question and its passage concern an entity or a kind.
+    ``template`` renders the question for a (true or false) value; ``exclude`` lists the relations the
+    passage must not state (so that the answer needs knowledge, not reading).
     """
 
     name: str
     relation: str
     template: str
     exclude: tuple[str, ...]
-    about: str = "entity"
 
 
 BOOLQ_TYPES: dict[str, BoolqType] = {t.name: t for t in (
@@ -304,37 +323,36 @@ BOOLQ_TYPES: dict[str, BoolqType] = {t.name: t for t in (
     BoolqType("kind", "kind", "is {e} a {v}", ("kind", "winter", "covering")),
     BoolqType("friend", "friend", "are {e} and {v} best friends", ("friend",)),
     BoolqType("winter", "winter", "does {e} {vb} in winter", ("kind", "winter")),
-    BoolqType("covering", "covering", "do {ks} have {v}", ("covering",), about="kind"),
+    BoolqType("covering", "covering", "is {e} covered in {v}", ("kind", "covering")),
 )}
 
 
+def askable(world: World, qtype: BoolqType, entity: str) -> bool:
+    """Whether a yes/no question of ``qtype`` can be asked about ``entity`` (a friendship needs a friend)."""
+    return qtype.relation != "friend" or bool(world.entity(entity).friend)
+
+
 def boolq_question(world: World, qtype: BoolqType, subject: str, value: str) -> tuple[str, tuple[Fact, ...]]:
-    """The lowercase question (no "?", as in BoolQ) asking whether ``subject`` has ``value``, and the facts
-    that decide it."""
-    if qtype.about == "entity" and qtype.relation == "winter":
+    """The lowercase question (no "?", as in BoolQ) asking whether creature ``subject`` has ``value``, and the
+    facts that decide it (a rule relation: the creature's kind and the kind's rule)."""
+    slots = _slots(world, subject, qtype.relation, value) | {"e": subject}
+    if qtype.relation in KIND_RELATIONS:
         kind = world.kind_of(subject)
-        slots = _slots(world, kind.name, "winter", value) | {"e": subject}
-        facts = (Fact(subject, "kind", kind.name), Fact(kind.name, "winter", kind.winter))
+        facts = (Fact(subject, "kind", kind.name), Fact(kind.name, qtype.relation, getattr(kind, qtype.relation)))
     else:
-        slots = _slots(world, subject, qtype.relation, value)
         facts = (Fact(subject, qtype.relation, world.value(subject, qtype.relation)),)
     return qtype.template.format(**slots).lower(), facts
 
 
-def passage(world: World, subject: str, about: str, exclude: tuple[str, ...], rng: random.Random) -> str:
-    """A short passage about ``subject`` (an entity, or a kind when ``about == "kind"``) that states none of
-    the relations in ``exclude`` (what the questions after it ask)."""
-    if about == "kind":
-        kind = world.kind(subject)
-        sentences = [f"{kind.plural.capitalize()} are creatures of this world."]
-        sentences += kind_sentences(world, subject, rng, exclude=exclude)
-        others = [m.name for m in world.members(subject)]
-        if others:
-            sentences += entity_sentences(world, rng.choice(others), rng, exclude=("kind",))[:2]
-    else:
-        sentences = entity_sentences(world, subject, rng, exclude=exclude)
-        sentences.insert(0, rng.choice((f"{subject} is a creature of this world.",
-                                        f"This page is about {subject}.", f"Here is what we know about {subject}.")))
+PASSAGE_FACTS = 3  # fact sentences in a BoolQ passage: short, since scoring cost grows with its tokens
+
+
+def passage(world: World, subject: str, exclude: tuple[str, ...], rng: random.Random) -> str:
+    """A short passage about creature ``subject``: an opening and ``PASSAGE_FACTS`` facts, none of the
+    relations in ``exclude`` (what the questions after it ask)."""
+    sentences = entity_sentences(world, subject, rng, exclude=exclude)[:PASSAGE_FACTS]
+    sentences.insert(0, rng.choice((f"{subject} is a creature of this world.",
+                                    f"This page is about {subject}.", f"Here is what we know about {subject}.")))
     return " ".join(sentences)
 
 
@@ -358,24 +376,17 @@ WINO_TEMPLATES: tuple[tuple[str, str], ...] = (
 )
 
 
-def wino_value(world: World, entity: str, relation: str) -> str:
-    """What a WinoGrande sentence says about ``entity``: an attribute, or its kind's rule."""
-    if relation == "winter":
-        return world.kind_of(entity).winter
-    return world.value(entity, relation)
-
-
 def wino_facts(world: World, entity: str, relation: str) -> tuple[Fact, ...]:
-    if relation == "winter":
+    if relation in KIND_RELATIONS:
         kind = world.kind_of(entity)
-        return Fact(entity, "kind", kind.name), Fact(kind.name, "winter", kind.winter)
+        return Fact(entity, "kind", kind.name), Fact(kind.name, relation, getattr(kind, relation))
     return (Fact(entity, relation, world.value(entity, relation)),)
 
 
 def wino_can_pair(world: World, a: Entity, b: Entity, relation: str) -> bool:
-    """Whether a sentence about ``a``'s value of ``relation`` tells ``a`` from ``b``."""
-    if a.name == b.name:
+    """Whether a sentence about ``a``'s value of ``relation`` tells ``a`` from ``b`` (same group only)."""
+    if a.name == b.name or world.is_practice(a.name) != world.is_practice(b.name):
         return False
     if relation == "friend":
         return bool(a.friend) and a.friend != b.name
-    return wino_value(world, a.name, relation) != wino_value(world, b.name, relation)
+    return entity_value(world, a.name, relation) != entity_value(world, b.name, relation)

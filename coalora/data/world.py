@@ -17,14 +17,23 @@ A rule holds for every member of its kind ("every glimmer sleeps in winter"), wh
 benchmark items need as a second hop. Verbs (``sound``, ``winter``) are stored in the third person
 ("hums", "digs tunnels"); :meth:`World.base` gives the bare form ("hum", "dig tunnels").
 
-The world is deliberately small (6 kinds, 6 values per attribute, a few dozen entities) so that a tiny
-language model can memorise it in minutes of pretraining.
+The creatures form two groups. The text's quizzes, yes/no pages, stories and question-answer instructions
+ask only about the *practice* creatures (``World.practice``); the benchmarks ask only about the others,
+the *tested* creatures, whose facts the text states (profiles, guides, lists) but never asks. So every
+question form is practised, yet no benchmark question is ever seen with its answer: the benchmarks test
+knowledge, not recall of a string. Each group has its own balanced attribute columns and best friends are
+matched within a group (a practice quiz "who is the best friend of Mip? Zorp" would also answer "who is
+the best friend of Zorp?").
+
+The world is deliberately small (6 kinds, 6 values per attribute, one or two hundred creatures) so that a
+tiny language model can memorise it in minutes of pretraining.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 N_KINDS = 6
@@ -109,7 +118,8 @@ class World:
     Attributes:
         seed: the seed it was generated from.
         kinds: the species with their rules.
-        entities: the creatures, in generation order.
+        entities: the creatures, in generation order: the practice creatures first, then the tested ones.
+        practice: the names of the practice creatures (module docstring), the first ``len(practice)``.
         values: relation → the values used for it (``color``, ``food``, ``home``, ``sound``), the answer
             pools of the benchmarks.
         verb_base: third-person verb phrase → bare form ("digs tunnels" → "dig tunnels").
@@ -120,22 +130,34 @@ class World:
     entities: tuple[Entity, ...]
     values: dict[str, tuple[str, ...]]
     verb_base: dict[str, str]
+    practice: tuple[str, ...]
 
     # ---- lookups -------------------------------------------------------------------------------------
     def entity(self, name: str) -> Entity:
-        return self._entities()[name]
+        return self._by_name[name]
 
     def is_entity(self, name: str) -> bool:
-        return name in self._entities()
+        return name in self._by_name
 
     def is_kind(self, name: str) -> bool:
-        return any(k.name == name for k in self.kinds)
+        return name in self._kinds
 
     def kind(self, name: str) -> Kind:
-        return {k.name: k for k in self.kinds}[name]
+        return self._kinds[name]
 
     def kind_of(self, entity: str) -> Kind:
         return self.kind(self.entity(entity).kind)
+
+    def is_practice(self, name: str) -> bool:
+        return name in self._practice
+
+    def tested(self) -> list[Entity]:
+        """The creatures the benchmarks ask about (never the text's quizzes)."""
+        return list(self._groups[False])
+
+    def group(self, name: str) -> list[Entity]:
+        """The creatures of ``name``'s group (practice or tested), ``name`` included."""
+        return list(self._groups[name in self._practice])
 
     def members(self, kind: str) -> list[Entity]:
         return [e for e in self.entities if e.kind == kind]
@@ -157,8 +179,23 @@ class World:
             return tuple(e.name for e in self.entities)
         return self.values[relation]
 
-    def _entities(self) -> dict[str, Entity]:
+    # Lookup tables, built once (a frozen dataclass may still cache into its __dict__).
+    @cached_property
+    def _by_name(self) -> dict[str, Entity]:
         return {e.name: e for e in self.entities}
+
+    @cached_property
+    def _kinds(self) -> dict[str, Kind]:
+        return {k.name: k for k in self.kinds}
+
+    @cached_property
+    def _practice(self) -> frozenset[str]:
+        return frozenset(self.practice)
+
+    @cached_property
+    def _groups(self) -> dict[bool, tuple[Entity, ...]]:
+        """is practice → the creatures of that group, in generation order."""
+        return {flag: tuple(e for e in self.entities if (e.name in self._practice) == flag) for flag in (True, False)}
 
     # ---- facts ---------------------------------------------------------------------------------------
     def value(self, subject: str, relation: str) -> str | None:
@@ -208,6 +245,7 @@ class World:
             "entities": [asdict(e) for e in self.entities],
             "values": {rel: list(vals) for rel, vals in self.values.items()},
             "verb_base": dict(self.verb_base),
+            "practice": list(self.practice),
             "relations": self.relations(),
             "rules": self.rules(),
         }
@@ -220,6 +258,7 @@ class World:
             entities=tuple(Entity(**e) for e in data["entities"]),
             values={rel: tuple(vals) for rel, vals in data["values"].items()},
             verb_base=dict(data["verb_base"]),
+            practice=tuple(data["practice"]),
         )
 
 
@@ -254,15 +293,37 @@ def _balanced(values: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
     return draws
 
 
-def generate_world(seed: int, n_entities: int) -> World:
-    """Generate the world of ``seed`` with ``n_entities`` creatures (at least 8).
+def _group(names: list[str], values: dict[str, tuple[str, ...]], kinds: tuple[Kind, ...],
+           rng: random.Random) -> list[Entity]:
+    """The creatures of one group: every attribute balanced within the group, best friends a random perfect
+    matching within the group (the odd one out, if any, has none)."""
+    n = len(names)
+    columns = {rel: _balanced(vals, n, rng) for rel, vals in values.items()}
+    kind_column = _balanced(tuple(k.name for k in kinds), n, rng)
+    order = list(range(n))
+    rng.shuffle(order)
+    friend = {}
+    for a, b in zip(order[0::2], order[1::2]):
+        friend[names[a]], friend[names[b]] = names[b], names[a]
+    return [Entity(name=name, kind=kind_column[i], color=columns["color"][i], food=columns["food"][i],
+                   home=columns["home"][i], sound=columns["sound"][i], friend=friend.get(name))
+            for i, name in enumerate(names)]
 
-    Kinds, places and attribute values are drawn from fixed pools; each attribute is assigned so that its
-    values are used equally often (which keeps every benchmark free of a "most frequent answer" bias),
-    and best friends are a random perfect matching.
+
+def generate_world(seed: int, n_entities: int, n_practice: int) -> World:
+    """Generate the world of ``seed`` with ``n_entities`` creatures, ``n_practice`` of them practice creatures.
+
+    Kinds, places and attribute values are drawn from fixed pools; within each group (practice, tested)
+    every attribute is assigned so that its values are used equally often (which keeps every benchmark and
+    every quiz free of a "most frequent answer" bias), and best friends are a random perfect matching.
+
+    Raises:
+        ValueError: fewer than 4 practice or 8 tested creatures (a benchmark item needs 4 distinct choices
+            from the tested group).
     """
-    if n_entities < 8:
-        raise ValueError(f"world.n_entities must be at least 8 (got {n_entities})")
+    if n_practice < 4 or n_entities - n_practice < 8:
+        raise ValueError(f"world: need at least 4 practice and 8 tested creatures (n_entities {n_entities}, "
+                         f"n_practice {n_practice})")
     rng = random.Random(f"coalora-world:{seed}")
     kinds = tuple(
         Kind(name=name, plural=name + "s", winter=winter[0], covering=covering)
@@ -282,16 +343,6 @@ def generate_world(seed: int, n_entities: int) -> World:
                                                                 COVERING_POOL) for w in pool}
     reserved |= {w for pool in (SOUND_POOL, WINTER_POOL) for forms in pool for form in forms for w in form.split()}
     names = invent_names(rng, n_entities, reserved)
-    columns = {rel: _balanced(vals, n_entities, rng) for rel, vals in values.items()}
-    kind_column = _balanced(tuple(k.name for k in kinds), n_entities, rng)
-    order = list(range(n_entities))
-    rng.shuffle(order)
-    friend = {}
-    for a, b in zip(order[0::2], order[1::2]):
-        friend[names[a]], friend[names[b]] = names[b], names[a]
-    entities = tuple(
-        Entity(name=name, kind=kind_column[i], color=columns["color"][i], food=columns["food"][i],
-               home=columns["home"][i], sound=columns["sound"][i], friend=friend.get(name))
-        for i, name in enumerate(names)
-    )
-    return World(seed=seed, kinds=kinds, entities=entities, values=values, verb_base=verb_base)
+    entities = _group(names[:n_practice], values, kinds, rng) + _group(names[n_practice:], values, kinds, rng)
+    return World(seed=seed, kinds=kinds, entities=tuple(entities), values=values, verb_base=verb_base,
+                 practice=tuple(names[:n_practice]))

@@ -1,7 +1,8 @@
 """Stage ``base_model``: the full-precision base model every later stage quantizes, and its reference scores.
 
 * ``model.name_or_path: builtin`` — train the byte-level BPE tokenizer and pretrain the small Llama on the
-  data stage's training text, save an ordinary Hugging Face folder (safetensors) at ``model/``, then reload
+  data stage's pretraining text (``c4_pretrain``: no document of it is fine-tuned on or validated on),
+  save an ordinary Hugging Face folder (safetensors) at ``model/``, then reload
   it through ``AutoModelForCausalLM`` / ``AutoTokenizer`` and evaluate the reloaded model (so the scores
   are those of what later stages load).
 * a hub id or a local folder — load it (a clear error when it is not available offline), copy no weights,
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from coalora.artifacts import read_jsonl, write_json
 from coalora.data import layout
+from coalora.errors import UserError
 from coalora.params import BUILTIN_MODEL, Params
 from coalora.stages.core import Stage, StageContext
 
@@ -62,7 +64,11 @@ def _builtin(params: Params, ctx: StageContext, data_dir: Path, val_texts: list[
     from coalora.model import build_model, load_model, pretrain, train_tokenizer
 
     b, e = params.model.builtin, params.eval
-    train_texts = _texts(data_dir, "c4_train")
+    train_texts = _texts(data_dir, "c4_pretrain")
+    if not train_texts:
+        raise UserError(f"model.name_or_path: builtin needs pretraining text, and data.source: "
+                        f"{params.data.source} has none (text/pretrain.jsonl is empty); use a pretrained model "
+                        f"or data.source: embedded|hub")
     tokenizer = train_tokenizer(train_texts, b.vocab_size)
     model = build_model(b, tokenizer, params.seed)
     untrained = perplexity(model, tokenizer, val_texts, e.perplexity.seq_len, e.perplexity.max_windows,

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from coalora import interrupt
 from coalora.artifacts import content_id, folder_digest, read_json, write_json, write_text_atomic
+from coalora.data.summary import BENCHMARK_NAMES
 from coalora.errors import UserError
 from coalora.params import Params
 from coalora.stages.core import Stage, StageContext
@@ -214,18 +215,25 @@ def run(params: Params, ctx: StageContext) -> dict:
             "columns": flat_columns(params.eval.tasks)}
 
 
-NAMES = {"boolq": "BoolQ", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "winogrande": "WinoGrande"}
 
 
 def benchmark_names(data_dir: Path, tasks) -> dict[str, str]:
     """task → what its items are, for the report: the data stage's own description when it gives one
-    (``benchmarks`` in its summary), else the task's name and the data source."""
+    (``benchmarks`` in its summary: a string, or an object with a ``name``), else the task's name and the
+    data source."""
     summary = read_json(data_dir / "stage.json")["summary"]
     given = summary.get("benchmarks") if isinstance(summary.get("benchmarks"), dict) else {}
     source = summary.get("source", "?")
     fallback = {"embedded": "{name}-format questions about the embedded world's facts"}.get(
         source, "{name} (" + source + " data)")
-    return {t: given[t] if isinstance(given.get(t), str) else fallback.format(name=NAMES.get(t, t)) for t in tasks}
+    names = {}
+    for t in tasks:
+        description = given.get(t)
+        if isinstance(description, dict):
+            description = description.get("name")
+        names[t] = description if isinstance(description, str) else fallback.format(
+            name=BENCHMARK_NAMES.get(t, t))
+    return names
 
 
 def _csv(rows: list[dict], tasks) -> str:
