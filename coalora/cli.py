@@ -304,7 +304,10 @@ def cmd_study(args) -> int:
 
     configure(args.root)
     from coalora import lock
+    from coalora.progress import quiet_libraries
     from coalora.study import run_study, study_dir
+
+    quiet_libraries()  # as under `coalora run`: no per-tick library bars in a log
 
     # a study reads the pipeline's outputs and trains for long: one run per project, stoppable like a run
     with lock.acquire(args.root, f"coalora study {args.name}"), interrupt.handling():
