@@ -362,8 +362,12 @@ def _csv_timeless(text: str) -> str:
     return "\n".join(",".join(row[i] for i in keep if i < len(row)) for row in rows)
 
 
+SECONDS_IN_TEXT = re.compile(r"\d+(?:\.\d+)? s\b")
+
+
 def _md_timeless(text: str) -> str:
-    """The report without the table columns whose header names a wall-clock quantity."""
+    """The report without the table columns whose header names a wall-clock quantity, and with every
+    "<number> s" in its prose masked."""
     out, keep = [], None
     for line in text.splitlines():
         if line.startswith("|"):
@@ -373,6 +377,7 @@ def _md_timeless(text: str) -> str:
             line = "|".join(cells[i] for i in keep if i < len(cells))
         else:
             keep = None
+            line = SECONDS_IN_TEXT.sub("<t> s", line)  # "33 rows at 0.549 s each"
         out.append(line)
     return "\n".join(out)
 

@@ -249,10 +249,11 @@ def test_error_inside_a_stage_under_coalora_run_is_one_line(smoke_project):
     """A UserError raised inside a stage while the Prefect flow runs: main's one line, no Prefect report or
     traceback, exit 2, no retry; ``-v`` shows the details."""
     _edit(smoke_project / "params.yaml", "data.source", "hub")
-    _edit(smoke_project / "params.yaml", "data.c4_train.path", str(smoke_project / "no-such-c4"))
+    # the first dataset the hub source loads (the pretraining text), pointed at a folder that is not there
+    _edit(smoke_project / "params.yaml", "data.c4_pretrain.path", str(smoke_project / "no-such-c4"))
     env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
     result = _cli(smoke_project, "run", "--no-track", "--stages", "data", env=env)
-    _one_line_exit_2(result, "data.c4_train:")
+    _one_line_exit_2(result, "data.c4_pretrain:")
     assert "Failed(" not in result.stderr and "prefect" not in result.stderr.lower()
     assert result.stderr.count("stage data: running") == 1  # not retried
     verbose = _cli(smoke_project, "-v", "run", "--no-track", "--stages", "data", env=env)
