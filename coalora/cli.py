@@ -106,16 +106,17 @@ def cmd_run(args) -> int:
     configure(args.root, create=False)
     quiet_libraries()
 
-    if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
-        return 0
     from coalora.stages import fresh_summary, get_stage
 
     to_run = [get_stage(name) for name in selected if fresh_summary(get_stage(name), params, args.root) is None]
     _project_checks(args, params, to_run)  # before the lock: bad input leaves no state folder behind
     configure(args.root)
-    del params
     _quiet_prefect_for_user_errors(args.verbose)
+    # the up-to-date answer under the lock too: taking it clears what a killed run left (its holder record)
     with lock.acquire(args.root, "coalora run"), interrupt.handling():
+        if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
+            return 0
+        del params
         from flows.server import api_server
 
         with api_server():  # before Prefect is imported: it reads the server's address from the environment
