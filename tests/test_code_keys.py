@@ -90,3 +90,25 @@ def test_editing_a_source_file_changes_exactly_the_keys_of_the_stages_using_it(r
         assert {name for name in STAGES if after[name] != before[name]} == users, rel
         path.write_text(original)
     assert "calibrate" in {n for n, s in STAGES.items() if "coalora/model/load.py" in core.code_paths(s)}
+
+
+@pytest.mark.parametrize("name", PIPELINE)
+def test_deployment_code_is_not_in_any_stage_key(name):
+    """``import coalora`` installs the packed-folder hook; the deployment code it loads later is no stage's
+    code, so an edit there must not rebuild the pipeline (the hook module itself stays in the key)."""
+    paths = set(core.code_paths(STAGES[name]))
+    assert "coalora/deploy/hooks.py" in paths
+    assert not any(p.startswith("coalora/deploy/") and p != "coalora/deploy/hooks.py"
+                   and p != "coalora/deploy/__init__.py" for p in paths), sorted(paths)
+
+
+def test_closure_does_not_follow_the_imports_of_not_followed_modules(tmp_path):
+    _write(tmp_path, "coalora/__init__.py", "from coalora.deploy.hooks import install\n")
+    _write(tmp_path, "coalora/deploy/__init__.py", "")
+    _write(tmp_path, "coalora/deploy/hooks.py", "def install():\n    from coalora.deploy.hf import register\n")
+    _write(tmp_path, "coalora/deploy/hf.py", "import coalora.heavy\n")
+    _write(tmp_path, "coalora/heavy.py", "")
+    _write(tmp_path, "coalora/s.py", "import coalora.heavy as h\n")
+    assert module_closure(tmp_path, "coalora.deploy.hooks") == (
+        "coalora/__init__.py", "coalora/deploy/__init__.py", "coalora/deploy/hooks.py")
+    assert "coalora/heavy.py" in module_closure(tmp_path, "coalora.s")  # a real import is still followed

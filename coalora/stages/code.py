@@ -8,6 +8,9 @@ functions (stages import heavy modules lazily), plus the ``__init__.py`` of ever
 
 Not seen: imports spelled as strings (``importlib.import_module``). The project has one, the stage registry
 in ``coalora/stages/__init__.py``, which no stage uses; a test fails if another appears.
+
+Not followed: the imports inside the modules of :data:`NOT_FOLLOWED` (each with the reason no stage runs
+what they import). The module itself is in the closure; only what it imports is left out.
 """
 
 from __future__ import annotations
@@ -16,6 +19,14 @@ import ast
 from pathlib import Path
 
 PACKAGE = "coalora"
+
+# Module → why its imports are not a stage's code. ``import coalora`` installs an import hook that loads the
+# transformers quantization method for packed folders (coalora/deploy/hf.py and the packed kernels under it)
+# when transformers' quantizer registry is imported; no stage reads or writes a packed folder, so editing the
+# deployment code must not invalidate every stage's cache.
+NOT_FOLLOWED = {
+    "coalora.deploy.hooks": "registers the packed-folder loader (coalora adapt's output), which no stage reads",
+}
 
 
 def module_file(source_root: Path, name: str) -> Path | None:
@@ -83,6 +94,8 @@ def module_closure(source_root: Path, start: str) -> tuple[str, ...]:
         if path is None:
             continue  # an attribute imported with ``from pkg import name``, not a module
         seen[name] = path
+        if name in NOT_FOLLOWED:
+            continue
         for imported in imported_modules(path, name):
             todo.extend(_with_parents(imported))
     return tuple(sorted(path.relative_to(source_root).as_posix() for path in seen.values()))
