@@ -112,9 +112,11 @@ def cmd_run(args) -> int:
     _project_checks(args, params, to_run)  # before the lock: bad input leaves no state folder behind
     configure(args.root)
     _quiet_prefect_for_user_errors(args.verbose)
-    # the up-to-date answer under the lock too: taking it clears what a killed run left (its holder record)
+    # Only when every stage looked fresh is it asked again, under the lock (another run may have rebuilt a
+    # stage meanwhile): the answer that skips the flow must be made while holding it. When some stage is stale
+    # the flow starts anyway, and it checks every stage's key itself.
     with lock.acquire(args.root, "coalora run"), interrupt.handling():
-        if not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
+        if not to_run and not (args.dask or args.dask_address) and _up_to_date(args, params, selected):
             return 0
         del params
         from flows.server import api_server
