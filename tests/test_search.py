@@ -15,7 +15,7 @@ import torch
 from coalora.errors import UserError
 from coalora.pareto import hypervolume, non_dominated, normalise, segmented_pool
 from coalora.quant import SPEC_FIELDS, all_specs
-from coalora.search import new_state, pool_configs, round_steps, search_round
+from coalora.search import RoundSetup, new_state, pool_configs, round_steps, search_round
 from coalora.search.encoding import bits_of, encode, layer_weights
 from coalora.search.propose import NEIGHBOURS, candidate_set, local_move, propose
 from coalora.search.rounds import rebuild_pool
@@ -157,7 +157,8 @@ def run_rounds(mode: str, rounds: int = 3, seed: int = 7, evaluate=synthetic_eva
     p = search_params(q=3, n_candidates=24, n_segments=3, **overrides)
     state = new_state(tiny_pool())
     for r in range(rounds + 2):
-        search_round(state, r, 10 * r, mode, evaluate, LAYERS, p, k=2, seed=seed, final=r == rounds + 1)
+        search_round(state, RoundSetup(mode, evaluate, LAYERS, p, k=2, seed=seed), r, 10 * r,
+                     final=r == rounds + 1)
     return state
 
 
@@ -225,7 +226,7 @@ def test_held_out_configs_are_never_proposed():
     p = search_params(q=4, n_candidates=64, n_segments=3)
     state = new_state(pool, excluded=held)
     for r in range(3):
-        search_round(state, r, r, "ehvi", synthetic_evaluate, LAYERS, p, k=2, seed=3)
+        search_round(state, RoundSetup("ehvi", synthetic_evaluate, LAYERS, p, k=2, seed=3), r, r)
     proposed = {i for r in state["rounds"] for i in r["proposed"]}
     assert len(proposed) == 8 and not proposed & {c.id for c in held}
 

@@ -8,6 +8,6 @@
 botorch is imported inside the functions that use it, so importing this package stays cheap.
 """
 
-from coalora.search.rounds import MODES, new_state, pool_configs, round_steps, search_round
+from coalora.search.rounds import MODES, RoundSetup, new_state, pool_configs, round_steps, search_round
 
-__all__ = ["MODES", "new_state", "pool_configs", "round_steps", "search_round"]
+__all__ = ["MODES", "RoundSetup", "new_state", "pool_configs", "round_steps", "search_round"]

@@ -31,12 +31,14 @@ untouched.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from coalora.errors import UserError
+from coalora.params import SearchParams
 from coalora.pareto import hypervolume, non_dominated, normalise, segmented_pool
 from coalora.search.encoding import encode, layer_weights
 from coalora.search.gp import BITS_SCALE
@@ -45,6 +47,31 @@ from coalora.space import Config, Layers
 
 MODES = ("ehvi", "random", "none")
 Evaluate = Callable[[list[Config]], dict[str, float]]  # configs → id → f1 under the current model
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """What stays the same across the rounds of one joint run.
+
+    Attributes:
+        mode: ``ehvi`` | ``random`` | ``none`` (the method's ``search``).
+        evaluate: f1 of configs under the model as trained so far.
+        layers: the quantized layers (their sizes weigh the bits of a config).
+        params: ``search`` params (q, n_segments, n_candidates, hv_reference, mc_samples).
+        k: configs per training step (the pool never shrinks below it).
+        seed: the run's seed; round r draws from generators seeded by (seed, r).
+    """
+
+    mode: str
+    evaluate: Evaluate
+    layers: Layers
+    params: SearchParams
+    k: int
+    seed: int
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"search mode must be one of {MODES} (got {self.mode!r})")
 
 
 def round_steps(total_steps: int, rounds: int) -> list[int]:
@@ -119,29 +146,21 @@ def round_log(state: dict, r: int, step: int, proposed: list[str], reference: Se
             "seconds": round(seconds, 3)}
 
 
-def search_round(state: dict, r: int, step: int, mode: str, evaluate: Evaluate, layers: Layers, p, k: int,
-                 seed: int, final: bool = False) -> dict:
-    """Run round ``r`` at ``step`` (module docstring), updating ``state`` in place; returns its log entry.
-
-    Args:
-        p: ``SearchParams`` (q, n_segments, n_candidates, hv_reference, mc_samples).
-        k: configs per training step (the pool never shrinks below it).
-        final: the round at the end of training: measure only.
-    """
-    if mode not in MODES:
-        raise ValueError(f"search mode must be one of {MODES} (got {mode!r})")
+def search_round(state: dict, setup: RoundSetup, r: int, step: int, final: bool = False) -> dict:
+    """Run round ``r`` at training step ``step`` (module docstring), updating ``state`` in place; returns its
+    log entry. ``final``: the round at the end of training, which only measures."""
     started = time.perf_counter()
-    seen = configs_by_id(state, layers)
-    for entry, f1 in zip(state["seen"], _measure(evaluate, list(seen.values()))):
+    seen = configs_by_id(state, setup.layers)
+    for entry, f1 in zip(state["seen"], _measure(setup.evaluate, list(seen.values()))):
         entry["f1"] = f1
     if state["f1_scale"] is None:
         pool = set(state["pool"])
         state["f1_scale"] = max(e["f1"] for e in state["seen"] if e["id"] in pool)
     proposed: list[str] = []
-    if mode != "none" and r > 0 and not final:
-        proposed = _propose_and_measure(state, r, mode, evaluate, layers, p, seed)
-        state["pool"] = rebuild_pool(state["seen"], p.n_segments, k, state["keep"])
-    entry = round_log(state, r, step, proposed, p.hv_reference, time.perf_counter() - started)
+    if setup.mode != "none" and r > 0 and not final:
+        proposed = _propose_and_measure(state, setup, r)
+        state["pool"] = rebuild_pool(state["seen"], setup.params.n_segments, setup.k, state["keep"])
+    entry = round_log(state, r, step, proposed, setup.params.hv_reference, time.perf_counter() - started)
     entry["final"] = final
     state["rounds"].append(entry)
     return entry
@@ -152,9 +171,9 @@ def _measure(evaluate: Evaluate, configs: list[Config]) -> list[float]:
     return [float(losses[c.id]) for c in configs]
 
 
-def _propose_and_measure(state: dict, r: int, mode: str, evaluate: Evaluate, layers: Layers, p,
-                         seed: int) -> list[str]:
+def _propose_and_measure(state: dict, setup: RoundSetup, r: int) -> list[str]:
     """Propose q new configs, measure them, append them to ``seen``; returns their ids."""
+    p, seed = setup.params, setup.seed
     rng = np.random.default_rng([seed, r])
     seen_keys = {tuple(e["indices"]) for e in state["seen"]} | {tuple(i) for i in state["excluded"]}
     pool_set = set(state["pool"])
@@ -162,10 +181,11 @@ def _propose_and_measure(state: dict, r: int, mode: str, evaluate: Evaluate, lay
     candidates = candidate_set(pool_indices, seen_keys, p.n_candidates, rng)
     x_seen = encode([e["indices"] for e in state["seen"]])  # (N, L)
     f1_norm = torch.tensor([e["f1"] for e in state["seen"]], dtype=torch.float64) / state["f1_scale"]
-    chosen = propose(mode, candidates, p.q, x_seen=x_seen, f1_norm=f1_norm, weights=layer_weights(layers),
+    chosen = propose(setup.mode, candidates, p.q, x_seen=x_seen, f1_norm=f1_norm,
+                     weights=layer_weights(setup.layers),
                      reference=p.hv_reference, mc_samples=p.mc_samples, seed=seed * 1000 + r, rng=rng)
-    new = [Config.from_indices(candidates[i], layers) for i in chosen]
-    for config, f1 in zip(new, _measure(evaluate, new)):
+    new = [Config.from_indices(candidates[i], setup.layers) for i in chosen]
+    for config, f1 in zip(new, _measure(setup.evaluate, new)):
         state["seen"].append({"id": config.id, "indices": config.spec_indices().tolist(), "bits": config.bits,
                               "f1": f1, "round": r})
     return [c.id for c in new]

@@ -30,7 +30,7 @@ import torch
 
 from coalora import parallel
 from coalora.params import LoraParams, SearchParams, TrainParams
-from coalora.search import pool_configs, round_steps, search_round
+from coalora.search import RoundSetup, pool_configs, round_steps, search_round
 from coalora.search.rounds import new_state
 from coalora.space import Config, Layers
 from coalora.train import checkpoint as ckpt
@@ -242,10 +242,10 @@ def train_with_search(trainer: Trainer, method: Method, setup: TrainSetup,
     def evaluate(configs: list[Config]) -> dict[str, float]:
         return eval_losses(trainer.model, configs, setup.f1_batch, chunk)
 
+    rounds = RoundSetup(method.search, evaluate, setup.layers, setup.search, k, setup.seed)
     for r in range(len(state["rounds"]), len(steps)):
         trainer.run(steps[r], pool_configs(state, setup.layers), on_step)
-        entry = search_round(state, r, steps[r], method.search, evaluate, setup.layers, setup.search, k, setup.seed,
-                             final=r == len(steps) - 1)
+        entry = search_round(state, rounds, r, steps[r], final=r == len(steps) - 1)
         if parallel.launched():  # every rank computed the round; all go on with the main process's result
             state.update(parallel.broadcast(state))
             entry = state["rounds"][-1]
