@@ -48,3 +48,17 @@ def prefect_harness(tmp_path_factory):
     with prefect_test_harness(server_startup_timeout=120):
         with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
             yield storage
+
+
+@pytest.fixture(scope="session")
+def default_world():
+    """The default-size embedded world (params.yaml) in memory, built once per session for the world's tests
+    (test_world.py, test_world_items.py): world, rows per file, benchmark items."""
+    from coalora.data.benchmarks import benchmark_items
+    from coalora.data.embedded import build_embedded
+    from coalora.params import load_params
+
+    params = load_params(REPO_ROOT)
+    world, rows = build_embedded(params.seed, **params.world.model_dump())
+    items = benchmark_items(world, params.world.n_items, params.seed)
+    return world, rows, items
