@@ -22,6 +22,10 @@ packed (the default) and ``--dense``. Then:
 
     python benchmarks/deploy.py                                # → benchmarks/deploy.md
     python benchmarks/deploy.py --models builtin --repeats 2 --out /tmp/d.md
+
+Why one file of ~450 lines: it is run by path, and its measuring processes re-run this same file in worker mode
+(``run_worker``), so the project set-up, the three workers and the report stay together in one script; none of
+it is library code (coalora imports nothing from here).
 """
 
 from __future__ import annotations
