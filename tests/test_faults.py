@@ -258,7 +258,7 @@ def test_a_store_left_half_migrated_is_rebuilt_and_one_with_runs_is_never_touche
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     from mlflow.tracking import MlflowClient
 
-    from coalora.track import _head_revision, _schema_revision, ensure_store
+    from coalora.track.store import ensure_store, head_revision, schema_revision
 
     state, artifacts = tmp_path / ".coalora", tmp_path / "mlartifacts"
     db = state / "mlflow.db"
@@ -267,7 +267,7 @@ def test_a_store_left_half_migrated_is_rebuilt_and_one_with_runs_is_never_touche
     state.mkdir()
     stale_init.write_bytes(b"SQLite format 3\0")
     ensure_store(db, artifacts)
-    assert _schema_revision(db) == _head_revision() and not stale_init.exists()
+    assert schema_revision(db) == head_revision() and not stale_init.exists()
     assert sorted(p.name for p in state.iterdir()) == ["mlflow.db"]
     with_runs = tmp_path / "with_runs.db"
     shutil.copy(db, with_runs)
@@ -279,7 +279,7 @@ def test_a_store_left_half_migrated_is_rebuilt_and_one_with_runs_is_never_touche
     SqlAlchemyStore._engine_map.clear()
     with caplog.at_level(logging.WARNING, logger="coalora.track"):
         ensure_store(db, artifacts)
-    assert _schema_revision(db) == _head_revision()
+    assert schema_revision(db) == head_revision()
     aside = [p for p in state.iterdir() if p.name.startswith("mlflow.db.broken-")]
     assert len(aside) == 1 and str(aside[0]) in caplog.text and "no runs" in caplog.text
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")

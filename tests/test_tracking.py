@@ -189,7 +189,7 @@ def test_front_and_round_points():
     assert front_indices(xs, ys, lower_better=True) == [0, 1]
     pool, front = round_points(ROUNDS[1])
     assert len(pool) == 3 and front == [(2.5, 2.8), (3.2, 2.2), (4.0, 1.9)]
-    assert round_points({"pool": [{"id": "x", "bits": 3, "f1": 1}], "front": [0]})[1] == [(3.0, 1.0)]
+    assert round_points({"pool": [{"id": "x", "bits": 3, "f1": 1}], "front": ["x"]})[1] == [(3.0, 1.0)]
 
 
 @pytest.mark.slow
@@ -229,3 +229,16 @@ def test_the_same_results_are_logged_once(project):
     record = project / "artifacts" / "train" / "stage.json"
     record.write_text(record.read_text().replace("k" * 64, "j" * 64))  # the train stage was rebuilt
     assert already_tracked(project, names) is None
+
+
+def test_the_library_imports_without_mlflow_or_matplotlib():
+    """mlflow and matplotlib are imported inside the functions that use them: a machine without them (a GPU
+    box running only the stages) imports the tracking package, the report and the CLI."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['mlflow'] = sys.modules['matplotlib'] = None\n"
+            "import coalora.track, coalora.track.figures, coalora.evaluate.report, coalora.cli\n"
+            "print('imported')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr

@@ -1,12 +1,13 @@
 """The report: markdown tables, PNG plots of each metric vs bits, and the CSV files DVC plots.
 
-    plots/<metric>.png     metric vs average bits, one series per method (colour); target rows as filled
+    plots/<metric>.png     the Pareto figure of the metric vs average bits (``coalora.track.figures``): one
+                           series per method (colour) with its front as a step line; target rows as filled
                            circles, seen rows as filled squares, unseen rows hollow; full precision as a line
     dvc/<method>.csv       the method's rows (bits, set, every metric) for ``dvc plots show``
     report.md              setup, the claims table, compute, quantization damage and recovery, gaps, hypervolume,
                            seen vs unseen (every difference with its interval), the unseen set, every row
 
-matplotlib is imported inside :func:`write_plots` with the Agg backend (no display needed).
+matplotlib is imported inside the figure functions with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from coalora.evaluate.table import metric_value
 DVC_DIR = "dvc"
 PLOTS_DIR = "plots"
 DVC_COLUMNS_HEAD = ("bits", "set", "config_id")
-MARKERS = {"target": ("o", True), "seen": ("s", True), "unseen": ("o", False), "reference": ("D", True)}
 
 
 def metric_label(metric: str, protocol: str | None = None) -> str:
@@ -62,41 +62,18 @@ def write_dvc_files(out: Path, rows: Sequence[dict], metrics: Sequence[str], met
 
 def write_plots(out: Path, rows: Sequence[dict], metrics: Sequence[str]) -> list[str]:
     """``plots/<metric>.png`` for each metric (module docstring). Returns the paths, relative to ``out``."""
-    import matplotlib
+    from coalora.track.figures import Point, lower_is_better, pareto_figure, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    full = next((r for r in rows if r["method"] == FULL), None)
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != FULL]
-    colours = plt.get_cmap("tab10")
     protocol = rows[0]["ppl_protocol"] if rows else None
     (out / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
     written = []
     for metric in metrics:
-        fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=100)
-        for i, method in enumerate(methods):
-            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["bits"])
-            colour = "black" if method == NONE else colours(i % 10)
-            xs, ys = [r["bits"] for r in mine], [metric_value(r, metric) for r in mine]
-            ax.plot(xs, ys, color=colour, linewidth=1, alpha=0.4, linestyle="--" if method == NONE else "-")
-            for kind, (marker, filled) in MARKERS.items():
-                pts = [(x, y) for x, y, r in zip(xs, ys, mine) if r["set"] == kind]
-                if pts:
-                    ax.scatter(*zip(*pts), s=30, marker=marker, facecolors=colour if filled else "none",
-                               edgecolors=[colour], label=f"{method} ({kind})")
-        if full is not None:
-            ax.axhline(metric_value(full, metric), color="grey", linestyle=":", label="full precision")
-        ax.set_xlabel("average bits per parameter")
-        ax.set_ylabel(metric_label(metric, protocol))
-        ax.set_title(f"{metric_label(metric, protocol)} vs bits: ● target, ■ seen, ○ unseen", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=5.5, ncol=3)
-        fig.tight_layout()
+        points = [Point(r["method"], r["set"], r["bits"], metric_value(r, metric)) for r in rows]
+        fig = pareto_figure(points, metric_label(metric, protocol), lower_is_better(metric), full=FULL, baseline=NONE)
         rel = f"{PLOTS_DIR}/{metric}.png"
         # No timestamp in the PNG's metadata, so the same table gives the same file.
         fig.savefig(out / rel, metadata={"Software": None})
-        plt.close(fig)
+        pyplot().close(fig)
         written.append(rel)
     return written
 
