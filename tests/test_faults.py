@@ -1,7 +1,7 @@
 """Faults a run must survive: a second run in the same folder, a killed holder of any lock, a stop request,
 a killed MLflow migration, a killed run's helper processes, a stale lock of botorch's kernel build.
 
-The end-to-end kill -9 trials (every stage, MLflow logging) are ``benchmarks/kill9.py`` and a sample of them
+The end-to-end kill -9 trials (every stage, MLflow logging) are ``benchmarks/kill9/`` and a sample of them
 ``tests/test_kill9.py``; the signal handling of a whole ``coalora run`` is ``tests/test_signals.py``.
 """
 

@@ -1,7 +1,7 @@
-"""A sample of benchmarks/kill9.py's trials: `coalora run` killed with SIGKILL (its whole process group) while
+"""A sample of benchmarks/kill9's trials: `coalora run` killed with SIGKILL (its whole process group) while
 Prefect's server migrates its database, inside training at a checkpoint, and while MLflow creates its store;
 each re-run ends with the results of an uninterrupted run, and no process, lock, temporary folder or
-half-made store outlives the runs. The full set (~27 trials) is `.venv/bin/python benchmarks/kill9.py`."""
+half-made store outlives the runs. The full set (~27 trials) is `.venv/bin/python -m benchmarks.kill9`."""
 
 from __future__ import annotations
 
