@@ -1,4 +1,4 @@
-"""What a finished run must not leave behind, and what it reports: stage states, repairs, leftovers."""
+"""After a run: what it must not leave behind, the stage states it reported, the repairs it logged."""
 
 from __future__ import annotations
 
@@ -70,5 +70,3 @@ def repairs(root: Path) -> list[str]:
             line = re.sub(r"/\S+/", "…/", match.group(1))  # paths shortened
             found.append(f"{log.stem}: {line[:160]}")
     return found
-
-

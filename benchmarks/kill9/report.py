@@ -76,5 +76,3 @@ def write_report(records: list[dict], path: Path, command: str, seconds: float, 
         lines.append(f"| {r['trial']} | {r['category']} | {where_} | {r.get('final_seconds', 0):.0f} | "
                      f"{'yes' if r['held'] else 'NO'} | {problems} | {notes} |")
     path.write_text("\n".join(lines) + "\n")
-
-

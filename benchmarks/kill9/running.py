@@ -124,11 +124,9 @@ def run(root: Path, mark: str, log_name: str, stages: tuple[str, ...] = STAGES, 
     return record
 
 
-
 def copy_upstream(reference: Path, root: Path, stages: tuple[str, ...]) -> None:
     for stage in stages:
         shutil.copytree(reference / "artifacts" / stage, root / "artifacts" / stage)
-
 
 
 def run_trial(trial: Trial, reference: Path, timeline: dict[str, float], want: dict[str, str],
@@ -155,24 +153,30 @@ def run_trial(trial: Trial, reference: Path, timeline: dict[str, float], want: d
             record["problems"].append(f"kill {i}: processes outlived the killed run: {left}")
     final = run(root, mark, "final", trial.stages, upstream=trial.upstream)
     record["final_seconds"] = round(final.events.get("end", 0.0), 1)
-    if final.returncode != 0:
-        err = (root / "final.err").read_text(errors="replace").strip().splitlines()
-        record["problems"].append(f"the re-run failed (rc {final.returncode}): {' | '.join(err[-3:])}")
-    else:
-        states = stage_states(final.stdout)
-        rebuilt = sorted(s for s in finished_before_kill if states.get(s) != "Cached")
-        if rebuilt:
-            record["problems"].append(f"finished before the kill, yet not Cached in the re-run: {rebuilt}")
-        mine = {name: value for name, value in want.items() if name.split("/")[0] in trial.stages}
-        if diff := differences(results(root), mine):
-            record["problems"].append(f"results differ from the uninterrupted run: {diff[:8]}")
-        record["problems"] += state_problems(root)
+    record["problems"] += rerun_problems(root, final, finished_before_kill, want, trial.stages)
     if left := leftovers(mark):
         record["problems"].append(f"processes outlived the re-run: {left}")
     record["notes"] = repairs(root)
     record["held"] = not record["problems"]
     return record
 
+
+def rerun_problems(root: Path, final: Run, finished_before_kill: set[str], want: dict[str, str],
+                   stages: tuple[str, ...]) -> list[str]:
+    """What is wrong with the run after the kills: it failed, rebuilt a stage finished before a kill, its
+    results differ from the reference's (``want``), or it left state behind (``checks.state_problems``)."""
+    if final.returncode != 0:
+        err = (root / "final.err").read_text(errors="replace").strip().splitlines()
+        return [f"the re-run failed (rc {final.returncode}): {' | '.join(err[-3:])}"]
+    problems = []
+    states = stage_states(final.stdout)
+    rebuilt = sorted(s for s in finished_before_kill if states.get(s) != "Cached")
+    if rebuilt:
+        problems.append(f"finished before the kill, yet not Cached in the re-run: {rebuilt}")
+    mine = {name: value for name, value in want.items() if name.split("/")[0] in stages}
+    if diff := differences(results(root), mine):
+        problems.append(f"results differ from the uninterrupted run: {diff[:8]}")
+    return problems + state_problems(root)
 
 
 def reference_run(workdir: Path, stages: tuple[str, ...]) -> tuple[Path, dict[str, float], dict[str, str]]:
@@ -185,4 +189,3 @@ def reference_run(workdir: Path, stages: tuple[str, ...]) -> tuple[Path, dict[st
     if left := leftovers(mark):
         raise SystemExit(f"processes outlived the reference run: {left}")
     return root, done.events, results(root)
-

@@ -117,5 +117,3 @@ def kill_offset(point: Point, timeline: dict[str, float]) -> float:
     if point.until is None or point.fraction == 0.0:
         return 0.0
     return max(0.0, point.fraction * (timeline[point.until] - timeline[point.anchor]))
-
-

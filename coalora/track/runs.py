@@ -19,7 +19,8 @@ from typing import Any, Iterable
 
 from coalora import interrupt
 from coalora.artifacts import MANIFEST, RECORD
-from coalora.track.figures import Point, is_number, lower_is_better, pareto_figure, pyplot, rounds_figure
+from coalora.track.figures import (METHOD_SERIES, Point, is_number, lower_is_better, pareto_figure, pyplot,
+                                   rounds_figure)
 from coalora.track.store import flatten, log_metrics, log_params, log_series, numbers, read_json_or_none
 
 log = logging.getLogger("coalora.track")
@@ -91,7 +92,6 @@ def table_figure(rows: list[dict], metric: str):
     """The Pareto figure of ``metric`` in a configuration table (``coalora.evaluate.table``'s columns
     ``method`` and ``set`` where it has them; a table without ``method`` is one series)."""
     from coalora.evaluate.plan import FULL, NONE
-    from coalora.track.figures import METHOD_SERIES
 
     points = [Point(str(r.get("method", METHOD_SERIES)), str(r.get("set") or ""), r["bits"], r[metric])
               for r in rows if isinstance(r.get("bits"), float) and isinstance(r.get(metric), float)]
