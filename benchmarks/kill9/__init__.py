@@ -24,13 +24,14 @@ both as measured in the uninterrupted reference run. A trial kills at each of it
 
 The modules: ``events`` (what a running project shows, and when), ``trials`` (the table of trials and
 their kill points), ``running`` (a run killed at an event; a trial; the reference run), ``results`` (the
-files compared), ``checks`` (what must not outlive a run), ``report`` and ``cli``.
+files compared), ``after_run`` (what must not outlive a run), ``markdown`` (kill9.md) and ``command`` (the
+command line).
 
 Writes ``benchmarks/kill9.md`` (a table per category: tried, held, failed) and ``kill9.json`` in the work
 folder (every trial's kills, timings and problems).
 """
 
-from .cli import main
+from .command import main
 from .trials import TRIALS
 
 __all__ = ["TRIALS", "main"]

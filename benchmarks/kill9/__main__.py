@@ -1,7 +1,7 @@
-"""``python -m benchmarks.kill9``: the command line (``cli.main``)."""
+"""``python -m benchmarks.kill9``: the command line (``command.main``)."""
 
 import sys
 
-from .cli import main
+from .command import main
 
 sys.exit(main())

@@ -94,7 +94,8 @@ LOG_EVENTS = {  # events read from the run's log
     "search:round2": r"coalora round 2 at step",
 }
 # coalora's progress lines in a log ("... INFO pretrain: 9/20 (45%), 3.1 it/s"; one per update under
-# COALORA_PROGRESS_SECONDS=0, see running._env) and tqdm's redraws on a terminal ("pretrain:  45%|████▌  | 9/20").
+# COALORA_PROGRESS_SECONDS=0, see running._env) and tqdm's redraws on a terminal
+# ("pretrain:  45%|████▌  | 9/20").
 PROGRESS = re.compile(r"INFO ([^\r\n:|]+): \d+/\d+ \((\d+)%\)|([^\r\n:|]+):\s+(\d+)%\|")
 # Events of progress inside a stage (not a place in the run, which is the last other event before them).
 PROGRESS_EVENT = re.compile(r"%$|^rows:|^checkpoints:|^lm-eval$")

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checks import repairs, stage_states, state_problems
+from .after_run import repairs, stage_states, state_problems
 from .events import STAGES, Observer, where
 from .results import differences, results
 from .trials import Trial, kill_offset, resolve_anchor
@@ -164,7 +164,7 @@ def run_trial(trial: Trial, reference: Path, timeline: dict[str, float], want: d
 def rerun_problems(root: Path, final: Run, finished_before_kill: set[str], want: dict[str, str],
                    stages: tuple[str, ...]) -> list[str]:
     """What is wrong with the run after the kills: it failed, rebuilt a stage finished before a kill, its
-    results differ from the reference's (``want``), or it left state behind (``checks.state_problems``)."""
+    results differ from the reference's (``want``), or it left state behind (``after_run.state_problems``)."""
     if final.returncode != 0:
         err = (root / "final.err").read_text(errors="replace").strip().splitlines()
         return [f"the re-run failed (rc {final.returncode}): {' | '.join(err[-3:])}"]

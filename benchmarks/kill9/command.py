@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __doc__ as DOC
 from .events import PROGRESS_EVENT, STAGES
-from .report import write_report
+from .markdown import write_report
 from .running import reference_run, run_trial
 from .trials import TRIALS
 

@@ -1,8 +1,8 @@
-"""A pipeline run in MLflow: one parent run, a child run per stage (``coalora.track.runs``), and the parent's
-headline (every stage's metrics files, the Pareto figures of the tables comparing methods).
+"""A pipeline run in MLflow: one parent run, a child run per stage (``coalora.track.child_runs``), and the
+parent's headline (every stage's metrics files, the Pareto figures of the tables comparing methods).
 
     parent   all params (flattened), the resolved params.yaml, dvc.lock, stage states as tags, the headline
-    stage    (``runs.log_stage``) and, nested in the train stage's run, a run per training method
+    stage    (``child_runs.log_stage``) and, nested in the train stage's run, a run per training method
 
 Runs a killed ``coalora run`` left RUNNING are closed (KILLED) before a new parent run starts.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from coalora import interrupt
 from coalora.artifacts import RECORD
 from coalora.errors import UserError
-from coalora.track.runs import log_figure, log_stage, measured_columns, metrics_files, table_figure
+from coalora.track.child_runs import log_figure, log_stage, measured_columns, metrics_files, table_figure
 from coalora.track.store import (EXPERIMENT, TrackedRun, experiment_id, flatten, log_metrics, log_params,
                                  numbers, open_client, remember)
 
