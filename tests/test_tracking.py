@@ -182,7 +182,7 @@ def test_nothing_to_track_is_a_user_error(repo_root, tmp_path):
 
 
 def test_front_and_round_points():
-    from coalora.track import front_indices, round_points
+    from coalora.figures import front_indices, round_points
 
     xs, ys = [2.0, 3.0, 4.0, 5.0], [0.5, 0.4, 0.6, 0.7]
     assert front_indices(xs, ys, lower_better=False) == [0, 2, 3]  # accuracy: higher is better
@@ -238,7 +238,7 @@ def test_the_library_imports_without_mlflow_or_matplotlib():
     import sys
 
     code = ("import sys; sys.modules['mlflow'] = sys.modules['matplotlib'] = None\n"
-            "import coalora.track, coalora.track.figures, coalora.evaluate.report, coalora.cli\n"
+            "import coalora.track, coalora.figures, coalora.evaluate.report, coalora.cli\n"
             "print('imported')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "imported" in done.stdout, done.stderr

@@ -1,6 +1,6 @@
 """The report: markdown tables, PNG plots of each metric vs bits, and the CSV files DVC plots.
 
-    plots/<metric>.png     the Pareto figure of the metric vs average bits (``coalora.track.figures``): one
+    plots/<metric>.png     the Pareto figure of the metric vs average bits (``coalora.figures``): one
                            series per method (colour) with its front as a step line; target rows as filled
                            circles, seen rows as filled squares, unseen rows hollow; full precision as a line
     dvc/<method>.csv       the method's rows (bits, set, every metric) for ``dvc plots show``
@@ -62,7 +62,7 @@ def write_dvc_files(out: Path, rows: Sequence[dict], metrics: Sequence[str], met
 
 def write_plots(out: Path, rows: Sequence[dict], metrics: Sequence[str]) -> list[str]:
     """``plots/<metric>.png`` for each metric (module docstring). Returns the paths, relative to ``out``."""
-    from coalora.track.figures import Point, lower_is_better, pareto_figure, pyplot
+    from coalora.figures import Point, lower_is_better, pareto_figure, pyplot
 
     protocol = rows[0]["ppl_protocol"] if rows else None
     (out / PLOTS_DIR).mkdir(parents=True, exist_ok=True)

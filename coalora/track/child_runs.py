@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from coalora import interrupt
 from coalora.artifacts import MANIFEST, RECORD
-from coalora.track.figures import (METHOD_SERIES, Point, is_number, lower_is_better, pareto_figure, pyplot,
+from coalora.figures import (METHOD_SERIES, Point, is_number, lower_is_better, pareto_figure, pyplot,
                                    rounds_figure)
 from coalora.track.store import flatten, log_metrics, log_params, log_series, numbers, read_json_or_none
 

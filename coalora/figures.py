@@ -4,7 +4,9 @@
                     and each method's Pareto front as a step line; full precision as a horizontal line
     rounds_figure   a search's pool (dots) and front (line) per round, from train.json's ``rounds``
 
-matplotlib is imported inside the functions, so the library imports where it is not installed.
+matplotlib is imported inside the functions, so the library imports where it is not installed. A module of
+its own, outside ``coalora.track``: the report stage's code (its cache key, its dvc.yaml deps) is what it
+imports, and the MLflow logging is no part of it.
 """
 
 from __future__ import annotations
