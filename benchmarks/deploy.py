@@ -79,7 +79,8 @@ def make_project(root: Path, spec: dict) -> dict:
 
     from coalora.artifacts import atomic_folder, write_json
     from coalora.calibrate import CostTable
-    from coalora.model.coa import CoAModel, save_adapter
+    from coalora.model.adapter import save_adapter
+    from coalora.model.coa import CoAModel
     from coalora.params import ConfigNetParams, LoraParams
     from coalora.quant import all_specs
     from coalora.space import quantized_layers

@@ -85,7 +85,7 @@ def score(model, tokenizer, params, data_dir: Path, work: Path, limit: int | Non
 def train_qlora(params, art: Path, layers, pool, config, tokenizer, work: Path) -> tuple[dict, dict]:
     """A fresh per-config LoRA (method qlora) for ``config``: (adapter tensors, training record)."""
     from coalora.model.load import load_base
-    from coalora.stages.train import training_data
+    from coalora.train.heldout import training_data
     from coalora.train import METHODS, TrainSetup, train_method
 
     p = params.train

@@ -2,7 +2,8 @@
 
 From the project's artifacts — the base model (``artifacts/base_model``), the cost table
 (``artifacts/calibrate``, budget mode only) and the trained adapter + θ
-(``artifacts/train/coalora/adapter.safetensors``) — it
+(``artifacts/train/coalora/adapter.safetensors``, named by ``coalora.trained``, read and split into A, B
+and θ by ``coalora.model.adapter``; no model is built) — it
 
     1. allocate   solves the budget's integer program on the recorded cost table (or reads a config file);
     2. quantize   quantizes each target weight ONCE into packed storage;
@@ -14,8 +15,8 @@ is replaced by its packed storage, config.json names the quantization method "co
 average bits, per-layer specs and the digests of the weight files, and after ``import coalora``
 ``AutoModelForCausalLM.from_pretrained`` builds it with ``PackedLinear`` layers that dequantize on the fly: it
 holds the bits the budget pays for. ``dense=True`` (``--dense``) writes the dense folder instead, for tools that
-cannot import coalora: W̃ in the model's dtype plus coalora's config and packed record
-(``coalora.model.export``).
+cannot import coalora: W̃ in the model's dtype plus coalora's config and packed record. The folding and the
+folder's files are ``coalora.model.export``.
 
 Only what is needed is loaded: the target weights are read straight from the base model's safetensors files
 (no transformers import, no model construction), and the output model folder is the base folder's files with
@@ -25,7 +26,6 @@ the target weights replaced. A base model without safetensors files takes the sl
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,40 +34,18 @@ from typing import Any
 import torch
 
 from coalora.allocate import solve_budget
-from coalora.artifacts import atomic_folder, read_json, verify_manifest, write_json
+from coalora.artifacts import ARTIFACTS, atomic_folder, verify_manifest, write_json
 from coalora.calibrate import CostTable
 from coalora.errors import UserError
-from coalora.model.coa import CONFIGNET, LORA_A, LORA_B, read_adapter, serial_below
-from coalora.model.confignet import ConfigNet, block_index, vocabulary
-from coalora.model.export import (CONFIG_FILE, confignet_u, fold_factors, peft_config, quantize_weights,
+from coalora.model.adapter import TrainedAdapter, parse_adapter, read_adapter
+from coalora.model.export import (CONFIG_FILE, INDEX, dense_weights, fold_config, peft_config, quantize_weights,
+                                  read_weights, weight_shards, write_model_files, write_model_from,
                                   write_peft_adapter, write_quantization_record)
 from coalora.quant import QuantizedTensor
+from coalora.trained import adapter_file
 
-ARTIFACTS = "artifacts"
-ADAPTER_FILE = Path("coalora") / "adapter.safetensors"  # inside the train stage's output
 RECORD = "adapt.json"  # marks a folder as an adapt output (so a later run may replace it)
-STAGE_OF = {"base_model": "base_model", "calibrate": "calibrate", "train": "train"}
-
-
-@dataclass
-class TrainedAdapter:
-    """The train stage's adapter in memory.
-
-    Attributes:
-        layers: name → (out, in), in model order when the file's header records it.
-        a, b: name → A (r, in), B (out, r).
-        confignet: θ, or None for a plain-LoRA adapter.
-        rank, alpha, dropout: the LoRA settings it was trained with.
-    """
-
-    layers: dict[str, tuple[int, int]]
-    a: dict[str, torch.Tensor]
-    b: dict[str, torch.Tensor]
-    confignet: ConfigNet | None
-    rank: int
-    alpha: float
-    dropout: float
-    header: dict[str, Any] = field(default_factory=dict)
+METHOD = "coalora"     # the method whose adapter is adapted: the one adapter (+ θ) serving every config
 
 
 @dataclass
@@ -99,38 +77,6 @@ def stage_folder(root: Path, stage: str) -> Path:
     return folder
 
 
-def _natural(name: str) -> tuple:
-    """Sort key that orders ``layers.2`` before ``layers.10``."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name))
-
-
-def parse_adapter(tensors: dict[str, torch.Tensor], header: dict[str, Any], alpha: float,
-                  dropout: float) -> TrainedAdapter:
-    """Split an adapter file's tensors into A, B and θ; ``alpha``/``dropout`` are used when the header lacks them.
-
-    Raises:
-        ValueError: the tensors are not a CoA-LoRA adapter (stray keys, unpaired factors, mixed ranks).
-    """
-    a = {k[: -len(LORA_A) - 1]: v for k, v in tensors.items() if k.endswith(f".{LORA_A}")}
-    b = {k[: -len(LORA_B) - 1]: v for k, v in tensors.items() if k.endswith(f".{LORA_B}")}
-    theta = {k[len(CONFIGNET) + 1:]: v for k, v in tensors.items() if k.startswith(f"{CONFIGNET}.")}
-    stray = sorted(set(tensors) - {f"{n}.{LORA_A}" for n in a} - {f"{n}.{LORA_B}" for n in b}
-                   - {f"{CONFIGNET}.{k}" for k in theta})
-    if not a or set(a) != set(b) or stray:
-        raise ValueError(f"not a CoA-LoRA adapter: {len(a)} lora_A / {len(b)} lora_B tensors, "
-                         f"unexpected {stray[:4]}")
-    ranks = {int(t.shape[0]) for t in a.values()} | {int(t.shape[1]) for t in b.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"adapter factors have mixed ranks {sorted(ranks)}")
-    shapes = {n: (int(b[n].shape[0]), int(a[n].shape[1])) for n in a}
-    recorded = header.get("layers")
-    order = list(recorded) if isinstance(recorded, dict) and set(recorded) == set(a) else sorted(a, key=_natural)
-    rank = ranks.pop()
-    net = ConfigNet.from_state_dict(theta, rank, *vocabulary(order)) if theta else None
-    return TrainedAdapter({n: shapes[n] for n in order}, a, b, net, rank, float(header.get("alpha", alpha)),
-                          float(header.get("dropout", dropout)), header)
-
-
 def compute_dtype(header: dict[str, Any], default: str) -> torch.dtype:
     """The dtype W̃ was used in during training (the adapter header's ``dtype``), else ``model.dtype``."""
     name = header.get("dtype", default)
@@ -140,7 +86,8 @@ def compute_dtype(header: dict[str, Any], default: str) -> torch.dtype:
 
 
 def load_trained_adapter(train_dir: Path, alpha: float, dropout: float) -> TrainedAdapter:
-    path = Path(train_dir) / ADAPTER_FILE
+    """The train stage's coalora adapter (``coalora.trained``), split into A, B and θ."""
+    path = Path(train_dir) / adapter_file(METHOD)
     if not path.is_file():
         raise UserError(f"adapt: {path} not found (the train stage wrote no CoA-LoRA adapter); "
                         f"run `coalora stage train` first")
@@ -181,10 +128,6 @@ def file_config(path: Path, adapter: TrainedAdapter):
 # The base model's files
 # ---------------------------------------------------------------------------------------------------------
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-INDEX = "model.safetensors.index.json"
-
-
 def base_folder(base_dir: Path) -> Path | None:
     """The local folder holding the base model's safetensors, or None (then the slow path loads the model).
 
@@ -206,86 +149,6 @@ def base_folder(base_dir: Path) -> Path | None:
     if folder is None or not ((folder / "model.safetensors").is_file() or (folder / INDEX).is_file()):
         return None
     return folder
-
-
-def weight_shards(folder: Path) -> dict[str, list[str]]:
-    """Safetensors file name → the tensor names it holds (one file, or the shards of an index)."""
-    from safetensors import safe_open
-
-    if (folder / INDEX).is_file():
-        shards: dict[str, list[str]] = {}
-        for name, shard in read_json(folder / INDEX)["weight_map"].items():
-            shards.setdefault(shard, []).append(name)
-        return shards
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        return {"model.safetensors": list(f.keys())}
-
-
-def read_weights(folder: Path, shards: dict[str, list[str]], names: list[str],
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Just the ``<layer>.weight`` tensors of ``names``, cast to the compute dtype; KeyError when one is missing."""
-    from safetensors import safe_open
-
-    where = {t: shard for shard, tensors in shards.items() for t in tensors}
-    weights = {}
-    for shard in sorted({where[f"{n}.weight"] for n in names}):
-        with safe_open(str(folder / shard), framework="pt") as f:
-            for n in names:
-                if where[f"{n}.weight"] == shard:
-                    weights[n] = f.get_tensor(f"{n}.weight").to(dtype)
-    return weights
-
-
-def write_model_files(src: Path, out: Path, shards: dict[str, list[str]],
-                      replaced: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
-    """Copy the base folder's non-weight files, and write its safetensors with the target weights replaced.
-
-    ``replaced[layer]`` maps suffixes to the tensors that take the place of ``<layer>.weight``: ``{"weight": W̃}``
-    for a dense folder, the packed buffers for a packed one (an index's weight map is rewritten to match).
-    Floating tensors are cast to ``dtype`` (the compute dtype the model was trained in; integer buffers are
-    kept) and ``config.json`` records it, so ``from_pretrained(out)`` builds exactly the model the adapter was
-    trained on.
-    """
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir(parents=True)
-    for path in sorted(src.iterdir()):
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != INDEX:
-            shutil.copyfile(path, out / path.name)  # follows the hub cache's symlinks
-    weight_map, found, total = {}, set(), 0
-    for shard in shards:
-        tensors = {}
-        for name, t in load_file(str(src / shard)).items():
-            layer = name.removesuffix(".weight")
-            parts = replaced.get(layer, {"weight": t}) if name.endswith(".weight") else {None: t}
-            found.add(layer if layer in replaced and name.endswith(".weight") else None)
-            for suffix, tensor in parts.items():
-                key = name if suffix is None else f"{layer}.{suffix}"
-                tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-                weight_map[key] = shard
-                total += tensors[key].nbytes
-        save_file(tensors, str(out / shard), metadata={"format": "pt"})
-    missing = [name for name in replaced if name not in found]
-    if missing:  # never leave a target layer dense (or unloadable) by accident
-        raise UserError(f"adapt: the base checkpoint in {src} has no tensor(s) "
-                        f"{', '.join(f'{n}.weight' for n in missing[:4])}")
-    if (src / INDEX).is_file():
-        index = read_json(src / INDEX)
-        metadata = {**index.get("metadata", {}), "total_size": total}
-        write_json(out / INDEX, {**index, "metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
-    _record_dtype(out / "config.json", dtype)
-
-
-def _record_dtype(config_json: Path, dtype: torch.dtype) -> None:
-    if not config_json.is_file():
-        return
-    config = read_json(config_json)
-    name = str(dtype).removeprefix("torch.")
-    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-    if any(config.get(k) != name for k in keys):
-        write_json(config_json, {**config, **{k: name for k in keys}})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -355,11 +218,7 @@ def write_model(source: "_Base", out: Path, packed: dict[str, QuantizedTensor], 
     from coalora.quant.linear import packed_buffers
 
     if dense:
-        replaced = {}
-        for name, qt in packed.items():
-            with serial_below(qt.numel):
-                replaced[name] = {"weight": qt.dequantize(dtype)}
-        source.write(out, replaced)
+        source.write(out, dense_weights(packed, dtype))
         write_quantization_record(out, packed, config)
         return
     from coalora.deploy.folder import record_packed_model
@@ -367,16 +226,6 @@ def write_model(source: "_Base", out: Path, packed: dict[str, QuantizedTensor], 
     source.write(out, {name: packed_buffers(qt) for name, qt in packed.items()})
     config.save(out / CONFIG_FILE)
     record_packed_model(out, config)
-
-
-def fold_config(adapter: TrainedAdapter, config) -> dict[str, torch.Tensor]:
-    """The peft tensors for ``config``: θ evaluated once per layer (ONE batched call), B' = B·U."""
-    names = list(config)
-    with serial_below(sum(b.numel() for b in adapter.b.values())):  # tiny ops on small models
-        block_ids = torch.tensor([block_index(n) for n in names], dtype=torch.int64)
-        type_ids = adapter.confignet.type_index(names) if adapter.confignet is not None else block_ids
-        u = confignet_u(adapter.confignet, config, names, block_ids, type_ids)  # (L, r, r) or None
-        return fold_factors(adapter.a, adapter.b, u, names)
 
 
 class _Base:
@@ -412,16 +261,7 @@ class _Base:
         if self.model is None:
             write_model_files(self.folder, out, self.shards, replaced, self.dtype)
             return
-        import shutil
-
-        # No safetensors to start from: save the loaded model in that layout first, then write from it.
-        staging = out.parent / f".{out.name}-base"
-        self.model.save_pretrained(staging)
-        self.tokenizer.save_pretrained(staging)
-        try:
-            write_model_files(staging, out, weight_shards(staging), replaced, self.dtype)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        write_model_from(self.model, self.tokenizer, out, replaced, self.dtype)
 
 
 def _summary(config, adapter: TrainedAdapter, packed, out: Path, dense: bool) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -17,8 +18,9 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+ARTIFACTS = "artifacts"  # the project's stage outputs: <root>/artifacts/<stage>/
 MANIFEST = "MANIFEST.json"
 RECORD = "stage.json"
 
@@ -81,6 +83,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence | Mapping]) -> None:
+    """A CSV table, atomically: the ``columns`` header line, then one line per row (``\\n`` line ends).
+
+    A row is a sequence of values in column order, or a mapping column → value (missing columns are left
+    empty; a key that is not a column is a ValueError, as with ``csv.DictWriter``).
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    by_name = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        (by_name if isinstance(row, Mapping) else writer).writerow(row)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def build_manifest(folder: Path) -> dict[str, str]:

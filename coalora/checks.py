@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
+from coalora.artifacts import ARTIFACTS
 from coalora.errors import ParamsError, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -190,7 +191,7 @@ def run_project_checks(params: "Params", root: Path | str, sections: set[str] | 
 STATE = (".coalora",)
 
 
-def check_writable(root: Path | str, outputs: tuple[str, ...] = ("artifacts",)) -> None:
+def check_writable(root: Path | str, outputs: tuple[str, ...] = (ARTIFACTS,)) -> None:
     """Raise UserError naming the first folder (or state file) a run must write but cannot.
 
     The root itself (where ``artifacts/`` and ``.coalora/`` are created), every folder below ``artifacts/``

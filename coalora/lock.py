@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coalora import processes
+from coalora.artifacts import ARTIFACTS
 from coalora.env import state_dir
 from coalora.errors import UserError
 
@@ -113,7 +114,7 @@ def _busy_message(root: Path, record: dict | None) -> str:
 
 def remove_leftovers(root: Path) -> list[Path]:
     """Delete the temporary folders and files of runs that died (only while holding the lock)."""
-    artifacts = Path(root) / "artifacts"
+    artifacts = Path(root) / ARTIFACTS
     found = sorted({p for pattern in LEFTOVERS for p in artifacts.rglob(pattern)}) if artifacts.is_dir() else []
     found = [p for p in found if not any(q in p.parents for q in found)]  # a folder's contents go with it
     for path in found:

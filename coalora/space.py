@@ -110,19 +110,6 @@ def quantized_layers(model: torch.nn.Module, target_modules: Sequence[str]) -> d
     return layers
 
 
-def layer_position(name: str) -> tuple[int, str]:
-    """(block index, matrix type) of a layer name: ``model.layers.7.mlp.down_proj`` → ``(7, "down_proj")``.
-
-    The block index is the first all-digit component of the dotted name (the index into the list of
-    blocks); θ embeds both (METHOD.md §3).
-    """
-    parts = name.split(".")
-    index = next((int(p) for p in parts if p.isdigit()), None)
-    if index is None:
-        raise ValueError(f"layer name {name!r} has no block index")
-    return index, parts[-1]
-
-
 def model_weights(model: torch.nn.Module, layers: Layers) -> dict[str, torch.Tensor]:
     """The weight tensors (out, in) of the named layers, as stored in the model (no copy)."""
     modules = dict(model.named_modules())

@@ -33,9 +33,10 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
-from coalora.artifacts import read_json, write_json, write_text_atomic
+from coalora.artifacts import ARTIFACTS, read_json, write_json, write_text_atomic
 from coalora.errors import UserError
 from coalora.params import Params, deep_merge, dump_params, validate
+from coalora.trained import read_record
 
 log = logging.getLogger("coalora.study")
 
@@ -45,17 +46,17 @@ OWN = ("train", "evaluate", "report")
 
 
 def study_dir(root: Path, study: str) -> Path:
-    return Path(root) / "artifacts" / "studies" / study
+    return Path(root) / ARTIFACTS / "studies" / study
 
 
 def prepare_variant(root: Path, study: str, variant: str, params: Params, overrides: dict) -> tuple[Path, Params]:
     """The variant's folder with its params.yaml and links to the pipeline's shared outputs."""
     folder = study_dir(root, study) / variant
     resolved = validate(deep_merge(params.model_dump(mode="json"), overrides), f"study {study} {variant}")
-    (folder / "artifacts").mkdir(parents=True, exist_ok=True)
+    (folder / ARTIFACTS).mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / "params.yaml", dump_params(resolved))
     for stage in SHARED:
-        link, target = folder / "artifacts" / stage, (Path(root) / "artifacts" / stage).resolve()
+        link, target = folder / ARTIFACTS / stage, (Path(root) / ARTIFACTS / stage).resolve()
         if link.is_symlink() and os.readlink(link) != str(target):
             link.unlink()
         if not link.is_symlink():
@@ -92,8 +93,8 @@ def _merged_stats(folders: dict[str, Path], params: Params):
 
     rows, items, tokens = [], {}, set()
     for prefix, folder in folders.items():
-        table = read_json(folder / "artifacts/evaluate/table.json")
-        found, meta = read_items(folder / "artifacts/evaluate" / FILE)
+        table = read_json(folder / ARTIFACTS / "evaluate" / "table.json")
+        found, meta = read_items(folder / ARTIFACTS / "evaluate" / FILE)
         tokens.add(meta["tokens_per_window"])
         for row in table["rows"]:
             rows.append({**row, "job": f"{prefix}/{row['job']}", "method": f"{prefix}/{row['method']}"})
@@ -127,7 +128,7 @@ def compute_study(root: Path, params: Params, progress: bool = True) -> dict:
     rows = []
     for m in params.study.compute:
         name = f"x{m:g}/coalora"
-        record = read_json(folders[f"x{m:g}"] / "artifacts/train/coalora/train.json")
+        record = read_record(folders[f"x{m:g}"] / ARTIFACTS / "train", "coalora")
         acc = interval_of(stats, stats.gap(name, f"pipeline/{base}"))
         ppl = interval_of(stats, stats.ppl_ratio(name, f"pipeline/{base}"), 1.0)
         ours = {metric: float(mean_over(stats, name, targets, metric)[0]) for metric in ("acc_mean", "nll")}
@@ -204,7 +205,7 @@ def seeds_study(root: Path, params: Params, progress: bool = True) -> dict:
     for seed in params.study.seeds:
         folder, resolved = prepare_variant(root, "seeds", f"seed-{seed}", params, {"train": {"seed": seed}})
         run_variant(folder, resolved, progress)
-        per_seed[seed] = read_json(folder / "artifacts/report/claims.json")
+        per_seed[seed] = read_json(folder / ARTIFACTS / "report" / "claims.json")
     claims = []
     for i, first in enumerate(per_seed[params.study.seeds[0]]):
         entries = [per_seed[s][i] for s in params.study.seeds]

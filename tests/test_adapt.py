@@ -12,7 +12,8 @@ import torch
 from coalora.artifacts import atomic_folder, write_json
 from coalora.calibrate import CostTable
 from coalora.cli import main
-from coalora.model.coa import CoAModel, save_adapter
+from coalora.model.adapter import save_adapter
+from coalora.model.coa import CoAModel
 from coalora.model.export import CONFIG_FILE, PACKED_FILE, read_packed
 from coalora.quant import all_specs
 from coalora.space import Config, quantized_layers

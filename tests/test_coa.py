@@ -9,10 +9,12 @@ import random
 import pytest
 import torch
 
-from coalora.model.coa import CoALoRALinear, CoAModel, read_adapter, save_adapter
+from coalora.model.adapter import coa_header, parse_adapter, read_adapter, save_adapter
+from coalora.model.coa import CoALoRALinear, CoAModel
 from coalora.model.confignet import ConfigNet, block_index, matrix_type, spec_field_indices, vocabulary
-from coalora.model.export import (CONFIG_FILE, PACKED_FILE, fold_adapter, read_packed, save_peft_adapter,
-                                  save_quantized_model)
+from coalora.model.export import (CONFIG_FILE, PACKED_FILE, dense_weights, fold_config, peft_config,
+                                  quantize_weights, read_packed, write_model_from, write_peft_adapter,
+                                  write_quantization_record)
 from coalora.params import ConfigNetParams, LoraParams
 from coalora.quant import QLORA_SPEC, QuantSpec, all_specs, fake_quantize, storage_bits
 from coalora.space import Config, quantized_layers
@@ -267,7 +269,10 @@ def test_adapter_state_round_trips_through_the_adapter_file(tmp_path):
     coa.set_config(config)
     save_adapter(coa, tmp_path / "adapter.safetensors", step=12)
     tensors, header = read_adapter(tmp_path / "adapter.safetensors")
-    assert header["step"] == 12 and header["rank"] == LORA.rank and list(header["layers"]) == list(layers)
+    assert header["step"] == 12 and header["rank"] == LORA.rank
+    # the layers' shapes (the header is written with sorted keys, as the train stage always has: the bytes,
+    # and so the stage's digest, must not depend on the order a header was built in)
+    assert header["layers"] == {name: list(shape) for name, shape in layers.items()}
     assert set(tensors) == set(coa.adapter_state_dict())
     same_base = build()[1]
     same_base.load_adapter_state_dict(tensors)
@@ -333,18 +338,32 @@ def test_lqlora_init_with_rank_above_the_matrix_rank_keeps_extra_directions_trai
 # Folding θ into a peft adapter, and the quantized model folder
 # ---------------------------------------------------------------------------------------------------------
 
+def save_quantized_model(model, config: Config, out) -> None:
+    """The dense quantized model folder of a loaded model, through `coalora adapt --dense`'s functions."""
+    weights = {n: model.get_submodule(n).weight.detach() for n in config}
+    packed = quantize_weights(weights, config)
+    dtype = next(iter(weights.values())).dtype
+    write_model_from(model, None, out, dense_weights(packed, dtype), dtype)
+    write_quantization_record(out, packed, config)
+
+
+def fold_adapter(coa: CoAModel, config: Config) -> dict[str, torch.Tensor]:
+    """The peft tensors of ``coa``'s adapter under ``config``, through `coalora adapt`'s functions."""
+    return fold_config(parse_adapter(coa.adapter_state_dict(), coa_header(coa), LORA.alpha, LORA.dropout), config)
+
 def test_fold_gives_the_same_logits_through_peft_loading(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    _, coa, layers = build()
+    reference, coa, layers = build()
     perturb(coa, theta=0.05)
     config = random_config(layers, seed=5)
     coa.set_config(config)
     u = coa.compute_u()
     assert float((u - torch.eye(LORA.rank)).abs().max()) > 0.05  # θ is far from the identity now
-    save_quantized_model(coa.model, config, tmp_path / "model", tokenizer=None)
-    save_peft_adapter(coa, config, tmp_path / "adapter", str(tmp_path / "model"))
+    save_quantized_model(reference, config, tmp_path / "model")
+    write_peft_adapter(fold_adapter(coa, config), peft_config(list(layers), LORA.rank, LORA.alpha, LORA.dropout,
+                                                              str(tmp_path / "model")), tmp_path / "adapter")
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["target_modules"] == list(layers) and adapter_config["r"] == LORA.rank
     assert (adapter_config["peft_type"], adapter_config["task_type"], adapter_config["bias"]) == \
@@ -366,14 +385,14 @@ def test_fold_gives_the_same_logits_through_peft_loading(tmp_path):
 def test_quantized_folder_holds_the_config_and_the_packed_bits(tmp_path):
     reference, _, layers = build()
     config = random_config(layers, seed=6)
-    save_quantized_model(reference, config, tmp_path, tokenizer=None)
-    saved = Config.load(tmp_path / CONFIG_FILE, layers)
+    save_quantized_model(reference, config, tmp_path / "model")
+    saved = Config.load(tmp_path / "model" / CONFIG_FILE, layers)
     assert saved.id == config.id and saved.bits == pytest.approx(config.bits)
-    packed, config_id = read_packed(tmp_path / PACKED_FILE)
+    packed, config_id = read_packed(tmp_path / "model" / PACKED_FILE)
     assert config_id == config.id and list(packed) == list(layers)
     from safetensors.torch import load_file
 
-    dense = load_file(str(tmp_path / "model.safetensors"))
+    dense = load_file(str(tmp_path / "model" / "model.safetensors"))
     for name in layers:
         assert packed[name].spec == config[name]
         assert torch.equal(packed[name].dequantize(), dense[f"{name}.weight"])
@@ -398,6 +417,7 @@ def test_bfloat16_models_hold_w_tilde_in_bfloat16_and_train_adapters_in_float32(
 
     reference, _, layers = build()
     model = copy.deepcopy(reference).to(torch.bfloat16)
+    plain = copy.deepcopy(model)  # the base model in bfloat16, before CoAModel wraps its layers
     coa = CoAModel(model, layers, LORA)
     config = random_config(layers, seed=9)
     coa.set_config(config)
@@ -409,7 +429,7 @@ def test_bfloat16_models_hold_w_tilde_in_bfloat16_and_train_adapters_in_float32(
     perturb(coa)
     coa(ids(), labels=ids()).loss.backward()
     assert layer.lora_A.grad.dtype == torch.float32 and torch.count_nonzero(layer.lora_A.grad) > 0
-    save_quantized_model(coa.model, config, tmp_path, tokenizer=None)
-    dense = load_file(str(tmp_path / "model.safetensors"))
+    save_quantized_model(plain, config, tmp_path / "model")
+    dense = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert dense[f"{name}.weight"].dtype == torch.bfloat16 and torch.equal(dense[f"{name}.weight"], layer.weight_q)
     assert not any(k.endswith(("lora_A", "lora_B")) for k in dense)

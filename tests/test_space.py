@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from coalora.errors import UserError
+from coalora.model.confignet import block_index, matrix_type
 from coalora.quant import QLORA_SPEC, QuantSpec, all_specs, storage_bits
-from coalora.space import Config, config_from_rules, layer_position, quantized_layers
+from coalora.space import Config, config_from_rules, quantized_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KINDS = {"self_attn.q_proj": (32, 32), "self_attn.k_proj": (16, 32), "self_attn.v_proj": (16, 32),
@@ -47,7 +48,8 @@ def test_discovery_finds_every_block_linear_with_its_shape(kind):
     assert found == expected
     assert list(found) == [n for n, _ in model.named_modules() if n in expected]  # model order
     assert not any("lm_head" in n or "embed" in n for n in found)
-    assert layer_position("model.layers.2.mlp.down_proj") == (2, "down_proj")
+    name = "model.layers.2.mlp.down_proj"  # θ's position of a layer: (block index, matrix type)
+    assert (block_index(name), matrix_type(name)) == (2, "down_proj")
 
 
 def test_target_modules_subset_suffix_and_regex(llama):

@@ -20,7 +20,7 @@ from coalora.quant import QuantSpec
 from coalora.space import config_from_rules, quantized_layers
 from coalora.train import METHODS, TrainSetup, Trainer, target_set, train_method
 from coalora.train.batches import IGNORE, instruct_table, text_batches, text_windows
-from coalora.train.bnb import skip_reason
+from coalora.model.bnb import skip_reason
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORDS = "the cat sat on a mat and the dog ran to the red ball while a bird sang in the old tree".split()
@@ -317,7 +317,7 @@ def test_train_stage_writes_adapters_records_and_equal_budgets(project, capsys):
     assert (out / "coalora/loss.csv").read_text().splitlines()[0] == "step,run,loss"
     metrics = read_json(out / "metrics.json")
     assert {"coalora.final_loss", "coalora.seconds", "qlora.final_loss", "qlora.seconds"} <= set(metrics)
-    from coalora.model.coa import read_adapter
+    from coalora.model.adapter import read_adapter
 
     tensors, header = read_adapter(out / "coalora/adapter.safetensors")
     assert header["method"] == "coalora" and header["config_ids"] == targets and header["use_confignet"]
@@ -391,7 +391,7 @@ def test_adapter_files_are_byte_identical_across_processes(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, torch; from pathlib import Path; from coalora.stages.train import write_adapter; "
+    code = ("import sys, torch; from pathlib import Path; from coalora.model.adapter import write_adapter; "
             "write_adapter(Path(sys.argv[1]), {'a': torch.arange(6.).reshape(2, 3)}, "
             "{'method': 'coalora', 'rank': 4, 'layers': ['x', 'y']})")
     digests = set()

@@ -14,7 +14,6 @@ import importlib
 import logging
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,6 +22,7 @@ import yaml
 from coalora.artifacts import read_jsonl
 from coalora.data import layout
 from coalora.errors import UserError
+from coalora.threads import SharedPatch
 
 # task → (lm-eval definition relative to lm_eval/tasks, the split our file plays). BoolQ and WinoGrande
 # are evaluated on their validation split, ARC on its test split (as lm-eval does).
@@ -90,8 +90,6 @@ def chance_level(task: str, items: Sequence[dict]) -> float:
     return 0.5
 
 
-_PATCH_LOCK = threading.Lock()
-_PATCH_STATE: dict = {"depth": 0, "saved": None}
 TEMPLATE_CACHE = 1024  # compiled prompt templates kept (a task has a handful; rows reuse them)
 
 
@@ -105,8 +103,7 @@ def _no_bar(*args, **kwargs):
     return tqdm(*args, **{**kwargs, "disable": True})
 
 
-@contextlib.contextmanager
-def _lm_eval_patches() -> Iterator[None]:
+def _apply_lm_eval_patches() -> tuple:
     """Three things ``simple_evaluate`` does that are not scoring, removed for the block:
 
     * the run metadata it adds about the machine: ``add_env_info`` (torch's collect_env, ~1.8 s per call,
@@ -118,32 +115,33 @@ def _lm_eval_patches() -> Iterator[None]:
     * its progress bars (several per row: thousands of lines in a non-interactive log, a scroll of bars on a
       terminal); the stage reports progress per row instead (coalora.progress).
 
-    Task definitions and scoring are untouched. Reference-counted under a lock, so rows scored in parallel
-    threads restore lm-eval's functions exactly once, after the last."""
+    Task definitions and scoring are untouched. A :class:`coalora.threads.SharedPatch`, so rows scored in
+    parallel threads restore lm-eval's functions exactly once, after the last."""
     import lm_eval.evaluator as evaluator
     import lm_eval.utils as utils
 
     modules = [importlib.import_module(name) for name in _BAR_MODULES]
-    with _PATCH_LOCK:
-        if _PATCH_STATE["depth"] == 0:
-            _PATCH_STATE["saved"] = (evaluator.add_env_info, evaluator.get_git_commit_hash, utils.env.from_string,
-                                     [module.tqdm for module in modules])
-            evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda storage: None), (lambda: None)
-            utils.env.from_string = functools.lru_cache(maxsize=TEMPLATE_CACHE)(utils.env.from_string)
-            for module in modules:
-                module.tqdm = _no_bar
-        _PATCH_STATE["depth"] += 1
-    try:
-        yield
-    finally:
-        with _PATCH_LOCK:
-            _PATCH_STATE["depth"] -= 1
-            if _PATCH_STATE["depth"] == 0:
-                evaluator.add_env_info, evaluator.get_git_commit_hash, from_string, bars = _PATCH_STATE["saved"]
-                del utils.env.from_string  # the instance attribute; the class's method shows again
-                assert utils.env.from_string == from_string
-                for module, bar in zip(modules, bars):
-                    module.tqdm = bar
+    saved = (evaluator.add_env_info, evaluator.get_git_commit_hash, utils.env.from_string,
+             [module.tqdm for module in modules])
+    evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda storage: None), (lambda: None)
+    utils.env.from_string = functools.lru_cache(maxsize=TEMPLATE_CACHE)(utils.env.from_string)
+    for module in modules:
+        module.tqdm = _no_bar
+    return saved
+
+
+def _undo_lm_eval_patches(saved: tuple) -> None:
+    import lm_eval.evaluator as evaluator
+    import lm_eval.utils as utils
+
+    evaluator.add_env_info, evaluator.get_git_commit_hash, from_string, bars = saved
+    del utils.env.from_string  # the instance attribute; the class's method shows again
+    assert utils.env.from_string == from_string
+    for name, bar in zip(_BAR_MODULES, bars):
+        importlib.import_module(name).tqdm = bar
+
+
+_lm_eval_patches = SharedPatch(_apply_lm_eval_patches, _undo_lm_eval_patches)
 
 
 class Benchmarks:
@@ -199,7 +197,7 @@ class Benchmarks:
         import torch
         from lm_eval import simple_evaluate
 
-        with _quiet(), _offline_datasets(), torch.random.fork_rng(devices=[]), _lm_eval_patches():
+        with _quiet(), _offline_datasets(), torch.random.fork_rng(devices=[]), _lm_eval_patches:
             out = simple_evaluate(
                 model=lm, tasks=self.tasks, num_fewshot=0, limit=self.limit, bootstrap_iters=0,
                 log_samples=True, task_manager=self.manager, random_seed=seed, numpy_random_seed=seed,

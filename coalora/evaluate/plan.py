@@ -28,9 +28,8 @@ from typing import Sequence
 
 from coalora.artifacts import read_json
 from coalora.errors import ArtifactError
+from coalora.trained import DRAWN, JOINT_RUNS, adapter_file, read_targets, trained_methods
 
-ADAPTER = "adapter.safetensors"
-DRAWN = "configs"             # the train stage's <method>/configs/: every config the method drew
 SEP = "__"
 UNIFORM = "uniform"           # Candidate.stage of the qlora-bnb config (bitsandbytes NF4 on every layer)
 NONE, FULL = "none", "full"   # the reference models: quantized base without adapter; full precision
@@ -98,20 +97,9 @@ def nearest(candidates: Sequence[Candidate], bits: float) -> Candidate | None:
     return min(candidates, key=lambda c: (abs(c.bits - bits), c.bits, c.id))
 
 
-def trained_methods(train_dir: Path) -> dict[str, dict]:
-    """method → its train.json, for the methods the train stage trained (skipped ones left out), in the
-    order of ``TRAIN_METHODS``, then any other by name."""
-    from coalora.params import TRAIN_METHODS
-
-    names = sorted(p.parent.name for p in Path(train_dir).glob("*/train.json"))
-    ordered = [n for n in TRAIN_METHODS if n in names] + [n for n in names if n not in TRAIN_METHODS]
-    records = {name: read_json(Path(train_dir) / name / "train.json") for name in ordered}
-    return {name: r for name, r in records.items() if not r.get("skipped")}
-
-
 def targets(train_dir: Path, allocate_dir: Path) -> list[Candidate]:
     """The target configs, as allocate pool files, in target order."""
-    ids = [t["id"] for t in read_json(Path(train_dir) / "targets.json")["targets"]]
+    ids = [t["id"] for t in read_targets(train_dir)["targets"]]
     pool = {c.id: c for c in config_candidates(Path(allocate_dir) / "pool", "allocate", "pool")}
     missing = [i for i in ids if i not in pool]
     if missing:
@@ -150,10 +138,10 @@ def distances(folders: dict[str, Path], records: dict[str, dict], unseen: Sequen
 
 def _adapter(method: str, record: dict, config: Candidate, served: Sequence[Candidate]) -> tuple[str, str | None]:
     """(adapter file, the target serving the row) for a trained method."""
-    if record["runs_kind"] == "joint":
-        return f"{method}/{ADAPTER}", None
+    if record["runs_kind"] == JOINT_RUNS:
+        return adapter_file(method), None
     target = nearest(served, config.bits)  # itself at a target
-    return f"{method}/{target.id}/{ADAPTER}", target.id
+    return adapter_file(method, target.id), target.id
 
 
 def seen_rows(folders: dict[str, Path], method: str, record: dict, targets: Sequence[Candidate],
@@ -177,7 +165,7 @@ def method_jobs(folders: dict[str, Path], method: str, record: dict, targets: Se
     if record["runs_kind"] == "uniform":
         cid = record["configs"][0]
         return [Job(method, Candidate(cid, float(record["config_bits"][cid]), UNIFORM, ""), "reference",
-                    adapter=f"{method}/{cid}/{ADAPTER}", adapter_config=cid)]
+                    adapter=adapter_file(method, cid), adapter_config=cid)]
     rows = [Job(method, t, "target", (), *_adapter(method, record, t, targets)) for t in targets]
     rows += seen_rows(folders, method, record, targets, seen_budgets)
     rows += [Job(method, u, "unseen", (), *_adapter(method, record, u, targets), layers_from_trained=far[u.id])

@@ -1,9 +1,10 @@
 """Score one (method, config) row: the in-memory quantized model with the method's adapter, under ``eval``.
 
 For a row (``plan.Job``) the base model is loaded afresh (so a row never depends on which rows ran before it
-in the same process: rows can run in any order, or in parallel), and built as the method was trained:
+in the same process: rows can run in any order, or in parallel), and built as the method was trained
+(``coalora.model.rebuild``, from the backend, θ, init and seed its train.json records):
 
-    coa backend   CoAModel(base, θ if the adapter has one); LQ-LoRA (``init: svd``) quantizes the residual
+    coa backend   CoAModel(base, θ if the method has one); LQ-LoRA (``init: svd``) quantizes the residual
                   W − (α/r)·B₀·A₀ of the same seeded SVD init as in training (the seed train.json records);
                   the adapter's A, B (and θ) are loaded; ``set_config(config)`` quantizes every layer and
                   evaluates θ once; then every layer is merged to W̃ + (α/r)·B·U·A (``CoAModel.merged``)
@@ -20,16 +21,16 @@ thread: the numbers do not depend on the thread count, and rows can be scored in
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
-from coalora.artifacts import read_json, read_jsonl
+from coalora.artifacts import read_jsonl
 from coalora.errors import ArtifactError
 from coalora.evaluate.plan import FULL, NONE, UNIFORM, Job
+from coalora.threads import one_torch_thread
+from coalora.trained import read_record
 
 if TYPE_CHECKING:  # pragma: no cover
     from coalora.evaluate.harness import Benchmarks
@@ -59,36 +60,12 @@ class RowInputs:
     dtype: str
 
 
-_THREADS_LOCK = threading.Lock()
-_THREADS: dict = {"depth": 0, "before": None}
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run the block on one intra-op thread, then restore the previous count. The count is process-wide,
-    so it is reference-counted under a lock: rows scored in parallel threads restore it once, after the last."""
-    import torch
-
-    with _THREADS_LOCK:
-        if _THREADS["depth"] == 0:
-            _THREADS["before"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _THREADS["depth"] += 1
-    try:
-        yield
-    finally:
-        with _THREADS_LOCK:
-            _THREADS["depth"] -= 1
-            if _THREADS["depth"] == 0:
-                torch.set_num_threads(_THREADS["before"])
-
-
 def load_config(job: Job, inputs: RowInputs, layers):
     """The row's Config, validated against the model's layers; its id must be the planned one."""
     from coalora.space import Config
 
     if job.config.stage == UNIFORM:
-        from coalora.train.bnb import uniform_config
+        from coalora.model.bnb import uniform_config
 
         config = uniform_config(layers)
     else:
@@ -101,7 +78,7 @@ def load_config(job: Job, inputs: RowInputs, layers):
 
 def _adapter(job: Job, inputs: RowInputs) -> tuple[dict, dict, dict]:
     """(tensors, header, train.json record) of the row's adapter, checked against ``lora``."""
-    from coalora.model.coa import read_adapter
+    from coalora.model.adapter import read_adapter
 
     path = inputs.folders["train"] / job.adapter
     try:
@@ -111,28 +88,32 @@ def _adapter(job: Job, inputs: RowInputs) -> tuple[dict, dict, dict]:
     if int(header.get("rank", inputs.lora.rank)) != inputs.lora.rank:
         raise ArtifactError(f"evaluate {job.id}: adapter rank {header.get('rank')} but lora.rank is "
                             f"{inputs.lora.rank}; run `coalora stage train` again")
-    return tensors, header, read_json(inputs.folders["train"] / job.method / "train.json")
+    return tensors, header, read_record(inputs.folders["train"], job.method)
 
 
 def quantized_model(job: Job, inputs: RowInputs):
     """(HF causal LM for the row, tokenizer, config or None (``full``), switch seconds, bits).
 
-    ``switch seconds``: quantizing every layer to the config (and evaluating θ, merging the adapter): the
-    cost of serving one more configuration from a loaded model.
+    The model is rebuilt as the method was trained (``coalora.model.rebuild``, from what its train.json
+    records); ``none`` is the quantized base (``Recipe.quantized_base``). ``switch seconds``: quantizing every
+    layer to the config (and evaluating θ, merging the adapter): the cost of serving one more configuration
+    from a loaded model.
     """
     import torch
 
     from coalora import parallel
-    from coalora.model.coa import CoAModel
+    from coalora.model import rebuild
     from coalora.model.load import load_base
+    from coalora.model.rebuild import Recipe
     from coalora.space import quantized_layers
 
     torch.manual_seed(inputs.seed)
     if job.method in (NONE, FULL):
-        tensors, header, record = {}, {}, {}
+        tensors, header, recipe = {}, {}, Recipe.quantized_base(inputs.seed)
         dtype = inputs.dtype
     else:
         tensors, header, record = _adapter(job, inputs)
+        recipe = Recipe.from_record(record)
         dtype = header.get("dtype") or record["train"]["dtype"]
     base, tokenizer = load_base(inputs.folders["base_model"], dtype)
     base = parallel.to_device(base)  # the GPU when there is one: quantization and scoring run there
@@ -141,26 +122,13 @@ def quantized_model(job: Job, inputs: RowInputs):
     layers = quantized_layers(base, inputs.target_modules)
     config = load_config(job, inputs, layers)
     started = time.perf_counter()
-    if header.get("format") == "peft":
-        from coalora.train.bnb import BnbLoraModel
-
-        model = BnbLoraModel(base, layers, inputs.lora)  # quantizes to NF4 on construction
-        model.set_config(config)
-        model.load_adapter_state_dict(tensors)
-        return model.peft.get_base_model().eval(), tokenizer, config, time.perf_counter() - started, config.bits
-    coa = CoAModel(base, layers, inputs.lora, use_confignet=bool(header.get("use_confignet")))
-    coa.reset_lora(inputs.seed)  # B = 0: the `none` row is exactly the quantized base
-    if record.get("init") == "svd":
-        coa.set_residual_base(coa.init_lqlora(int(record["seed"])))
-    if tensors:
-        try:
-            coa.load_adapter_state_dict(tensors)
-        except ValueError as exc:
-            raise ArtifactError(f"evaluate {job.id}: {job.adapter}: {exc}; run `coalora stage train` "
-                                f"again") from None
-    coa.set_config(config)
-    model = coa.merged().eval()
-    return model, tokenizer, config, time.perf_counter() - started, config.bits
+    try:
+        model = rebuild.rebuild(recipe, base, layers, inputs.lora, tensors)
+    except ValueError as exc:
+        raise ArtifactError(f"evaluate {job.id}: {job.adapter}: {exc}; run `coalora stage train` "
+                            f"again") from None
+    served = rebuild.serve(model, recipe, config)
+    return served, tokenizer, config, time.perf_counter() - started, config.bits
 
 
 def score_row(job: Job, inputs: RowInputs, benchmarks: "Benchmarks") -> dict:

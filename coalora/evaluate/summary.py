@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from coalora.artifacts import read_json
+from coalora.trained import read_record
 from coalora.evaluate.bootstrap import Interval, Resampler, hypervolume_batch
 from coalora.evaluate.plan import FULL, NONE
 
@@ -153,7 +153,7 @@ def method_compute(train_dir: Path, methods: Sequence[str], rows: Sequence[dict]
     """method → config-steps, seconds (training loop + search rounds), and the cost to serve K configs."""
     out = {}
     for method in methods:
-        record = read_json(Path(train_dir) / method / "train.json")
+        record = read_record(train_dir, method)
         kind = record["runs_kind"]
         search = sum(float(r.get("seconds", 0.0)) for r in record.get("rounds") or [])
         seconds = float(record["seconds"]) + search
@@ -177,7 +177,7 @@ def method_compute(train_dir: Path, methods: Sequence[str], rows: Sequence[dict]
 
 def drawn_configs(train_dir: Path, method: str) -> set[str]:
     """The configs the method drew in training (its seen configs)."""
-    return set(read_json(Path(train_dir) / method / "train.json").get("config_draws", {}))
+    return set(read_record(train_dir, method).get("config_draws", {}))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@
     WeightCache     an LRU of quantized weights W̃, bounded in bytes (cheap configuration switching)
     CoAModel        a Hugging Face causal LM whose quantized layers are CoALoRALinear, θ (ConfigNet), and the
                     switch between configurations at run time
-    save_adapter / read_adapter   the adapter file: safetensors of ``adapter_state_dict()`` + a JSON header
 
 Only A, B (and θ) train. The base model's parameters are frozen and never modified: each layer keeps its
 full-precision W (the source every configuration is quantized from) and holds the current W̃ beside it.
@@ -12,12 +11,9 @@ full-precision W (the source every configuration is quantized from) and holds th
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,34 +22,14 @@ from torch import nn
 
 from coalora.model.confignet import ConfigNet, block_index, load_exact, spec_field_tensor, vocabulary
 from coalora.quant import fake_quantize
+from coalora.threads import serial_below
 
 if TYPE_CHECKING:  # pragma: no cover
     from coalora.params import LoraParams
     from coalora.space import Config
 
-ADAPTER_META = "coalora.adapter"  # safetensors metadata key of the adapter file's JSON header
 LORA_A, LORA_B, CONFIGNET = "lora_A", "lora_B", "confignet"
 MIB = 2**20
-
-
-# Below this many elements a matrix is quantized on one thread: its ops are too small to split, and each
-# OpenMP parallel region costs a barrier — milliseconds when the cores are busy (measured: a 128×352
-# quantize took 1.7 ms on 1 thread and 80 ms on 2 on a loaded 2-core machine; see benchmarks/train_step.md).
-SERIAL_NUMEL = 1 << 18
-
-
-@contextlib.contextmanager
-def serial_below(numel: int, threshold: int = SERIAL_NUMEL) -> Iterator[None]:
-    """Run the block on one intra-op thread when ``numel < threshold`` (then restore the thread count)."""
-    threads = torch.get_num_threads()
-    if numel >= threshold or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def lora_a_bound(in_features: int) -> float:
@@ -437,53 +413,3 @@ class CoAModel(nn.Module):
             residuals[n] = w - layer.scaling * (layer.lora_B @ layer.lora_A)
         self.update_u()
         return residuals
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The adapter file (what the train stage writes, what `coalora adapt` reads)
-# ---------------------------------------------------------------------------------------------------------
-
-def adapter_metadata(coa: CoAModel) -> dict[str, Any]:
-    """What a reader needs beside the tensors: LoRA settings, θ vocabularies, the layers in model order."""
-    net = coa.confignet
-    return {
-        "rank": coa.lora.rank, "alpha": coa.lora.alpha, "dropout": coa.lora.dropout,
-        "dtype": str(coa.layers[coa.layer_names[0]].weight.dtype).removeprefix("torch."),  # compute dtype of W̃
-        "use_confignet": net is not None,
-        "confignet": coa.lora.confignet.model_dump() if net is not None else None,
-        "n_blocks": net.n_blocks if net is not None else None,
-        "matrix_types": net.matrix_types if net is not None else None,
-        "layers": {n: list(coa.shapes[n]) for n in coa.layer_names},
-    }
-
-
-def save_adapter(coa: CoAModel, path: Path | str, **extra: Any) -> None:
-    """Write ``adapter_state_dict()`` as safetensors with :func:`adapter_metadata` (plus ``extra``, JSON-able)
-    as the JSON header under the metadata key ``coalora.adapter``."""
-    from safetensors.torch import save_file
-
-    meta = {**adapter_metadata(coa), **extra}
-    # One metadata key only: safetensors writes metadata in hash-map order, so with two keys the same adapter
-    # would give different bytes (and digests) from run to run.
-    save_file(coa.adapter_state_dict(), str(path), metadata={ADAPTER_META: json.dumps(meta)})
-
-
-def read_adapter(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, header) of an adapter file; the header is ``{}`` when the file has none of ours.
-
-    Raises:
-        ValueError: the file is not a readable safetensors file or its header is not JSON.
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        header = json.loads(meta[ADAPTER_META]) if ADAPTER_META in meta else {}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: its {ADAPTER_META} header is not JSON ({exc})") from None
-    return tensors, header

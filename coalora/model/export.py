@@ -1,4 +1,6 @@
-"""Deployment: fold θ into a standard peft LoRA adapter, and save the quantized model (METHOD.md §3).
+"""Deployment files: θ folded into a standard peft LoRA adapter, and the quantized model folder (METHOD.md §3).
+
+What ``coalora adapt`` writes (its one implementation; ``coalora.deploy.folder`` reads the packed folder).
 
 For a config C, θ gives U_i = θ(C_i, block_i, type_i) once per layer, and
 
@@ -7,7 +9,8 @@ For a config C, θ gives U_i = θ(C_i, block_i, type_i) once per layer, and
 so the adapter (A_i, B'_i) is an ordinary LoRA: peft loads it on the quantized model and computes exactly
 what the CoAModel computes under C.
 
-A quantized model folder (:func:`save_quantized_model`) holds two views of the same weights:
+The base model's folder is copied with its target weights replaced (:func:`write_model_files`; from a loaded
+model: :func:`write_model_from`). A dense quantized model folder holds two views of the same weights:
 
     config.json, model.safetensors, tokenizer files   an ordinary Hugging Face folder whose target weights
         are the dequantized W̃ (in the model's dtype): ``AutoModelForCausalLM.from_pretrained(folder)`` alone
@@ -29,13 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from coalora.artifacts import write_json
-from coalora.model.coa import serial_below
-from coalora.model.confignet import ConfigNet, spec_field_tensor
+from coalora.artifacts import read_json, write_json
+from coalora.errors import UserError
+from coalora.model.confignet import ConfigNet, block_index, spec_field_tensor
 from coalora.quant import QuantizedTensor, quantize
+from coalora.threads import serial_below
 
 if TYPE_CHECKING:  # pragma: no cover
-    from coalora.model.coa import CoAModel
+    from coalora.model.adapter import TrainedAdapter
     from coalora.space import Config
 
 PEFT_PREFIX = "base_model.model."
@@ -73,15 +77,14 @@ def fold_factors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], u
     return tensors
 
 
-def fold_adapter(coa: "CoAModel", config: "Config") -> dict[str, torch.Tensor]:
-    """The peft-format tensors of ``coa``'s adapter under ``config`` (θ evaluated once per layer, B' = B·U).
-
-    Does not switch ``coa``'s configuration (no quantization happens).
-    """
-    u = confignet_u(coa.confignet, config, coa.layer_names, coa.block_ids, coa.type_ids)
-    a = {n: coa.layers[n].lora_A for n in coa.layer_names}
-    b = {n: coa.layers[n].lora_B for n in coa.layer_names}
-    return fold_factors(a, b, u, coa.layer_names)
+def fold_config(adapter: "TrainedAdapter", config: "Config") -> dict[str, torch.Tensor]:
+    """The peft tensors for ``config``: θ evaluated once per layer (ONE batched call), B' = B·U."""
+    names = list(config)
+    with serial_below(sum(b.numel() for b in adapter.b.values())):  # tiny ops on small models
+        block_ids = torch.tensor([block_index(n) for n in names], dtype=torch.int64)
+        type_ids = adapter.confignet.type_index(names) if adapter.confignet is not None else block_ids
+        u = confignet_u(adapter.confignet, config, names, block_ids, type_ids)  # (L, r, r) or None
+        return fold_factors(adapter.a, adapter.b, u, names)
 
 
 def peft_config(names: Sequence[str], rank: int, alpha: float, dropout: float,
@@ -108,16 +111,6 @@ def write_peft_adapter(tensors: Mapping[str, torch.Tensor], config: Mapping[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(dict(tensors), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     write_json(out_dir / ADAPTER_CONFIG, dict(config))
-
-
-def save_peft_adapter(coa: "CoAModel", config: "Config", out_dir: Path, base_name_or_path: str) -> None:
-    """Fold ``coa``'s adapter under ``config`` and write it as a peft LoRA adapter folder.
-
-    Load with ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(quantized_dir), out_dir)``.
-    """
-    lora = coa.lora
-    write_peft_adapter(fold_adapter(coa, config),
-                       peft_config(coa.layer_names, lora.rank, lora.alpha, lora.dropout, base_name_or_path), out_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,35 +158,115 @@ def write_quantization_record(out_dir: Path, packed: Mapping[str, QuantizedTenso
     write_packed(Path(out_dir) / PACKED_FILE, packed, config)
 
 
-def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict without LoRA factors (a CoAModel's inner model carries them)."""
-    return {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
-
-
-def save_quantized_model(model, config: "Config", out_dir: Path, tokenizer,
-                         packed: Mapping[str, QuantizedTensor] | None = None) -> dict[str, QuantizedTensor]:
-    """Save the model quantized with ``config`` as a Hugging Face folder plus coalora's record (module doc).
-
-    Args:
-        model: a PreTrainedModel (or a CoAModel's ``.model``): its layers' weights W are quantized; the model
-            itself is not modified.
-        config: the Config; its layers are the model's quantized layers.
-        out_dir: the folder to write (created).
-        tokenizer: saved beside the model when not None.
-        packed: the layers already quantized with ``config`` (:func:`quantize_weights`), so nothing is
-            quantized twice; computed here when None.
-
-    Returns:
-        layer → QuantizedTensor (the packed storage written).
-    """
-    out_dir = Path(out_dir)
-    state = _plain_state_dict(model)
-    if packed is None:
-        packed = quantize_weights({n: state[f"{n}.weight"] for n in config}, config)
+def dense_weights(packed: Mapping[str, QuantizedTensor], dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    """The dense folder's replacement of each ``<layer>.weight``: W̃ dequantized from the packed storage (so
+    bitwise ``fake_quantize``), in ``dtype``."""
+    replaced = {}
     for name, qt in packed.items():
-        state[f"{name}.weight"] = qt.dequantize(state[f"{name}.weight"].dtype)  # W̃ in the model's dtype
-    model.save_pretrained(out_dir, state_dict=state)
+        with serial_below(qt.numel):
+            replaced[name] = {"weight": qt.dequantize(dtype)}
+    return replaced
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model folder's files
+# ---------------------------------------------------------------------------------------------------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+INDEX = "model.safetensors.index.json"
+
+
+def weight_shards(folder: Path) -> dict[str, list[str]]:
+    """Safetensors file name → the tensor names it holds (one file, or the shards of an index)."""
+    from safetensors import safe_open
+
+    if (folder / INDEX).is_file():
+        shards: dict[str, list[str]] = {}
+        for name, shard in read_json(folder / INDEX)["weight_map"].items():
+            shards.setdefault(shard, []).append(name)
+        return shards
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return {"model.safetensors": list(f.keys())}
+
+
+def read_weights(folder: Path, shards: dict[str, list[str]], names: list[str],
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Just the ``<layer>.weight`` tensors of ``names``, cast to the compute dtype; KeyError when one is missing."""
+    from safetensors import safe_open
+
+    where = {t: shard for shard, tensors in shards.items() for t in tensors}
+    weights = {}
+    for shard in sorted({where[f"{n}.weight"] for n in names}):
+        with safe_open(str(folder / shard), framework="pt") as f:
+            for n in names:
+                if where[f"{n}.weight"] == shard:
+                    weights[n] = f.get_tensor(f"{n}.weight").to(dtype)
+    return weights
+
+
+def write_model_files(src: Path, out: Path, shards: dict[str, list[str]],
+                      replaced: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """Copy the base folder's non-weight files, and write its safetensors with the target weights replaced.
+
+    ``replaced[layer]`` maps suffixes to the tensors that take the place of ``<layer>.weight``: ``{"weight": W̃}``
+    for a dense folder, the packed buffers for a packed one (an index's weight map is rewritten to match).
+    Floating tensors are cast to ``dtype`` (the compute dtype the model was trained in; integer buffers are
+    kept) and ``config.json`` records it, so ``from_pretrained(out)`` builds exactly the model the adapter was
+    trained on.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True)
+    for path in sorted(src.iterdir()):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != INDEX:
+            shutil.copyfile(path, out / path.name)  # follows the hub cache's symlinks
+    weight_map, found, total = {}, set(), 0
+    for shard in shards:
+        tensors = {}
+        for name, t in load_file(str(src / shard)).items():
+            layer = name.removesuffix(".weight")
+            parts = replaced.get(layer, {"weight": t}) if name.endswith(".weight") else {None: t}
+            found.add(layer if layer in replaced and name.endswith(".weight") else None)
+            for suffix, tensor in parts.items():
+                key = name if suffix is None else f"{layer}.{suffix}"
+                tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                weight_map[key] = shard
+                total += tensors[key].nbytes
+        save_file(tensors, str(out / shard), metadata={"format": "pt"})
+    missing = [name for name in replaced if name not in found]
+    if missing:  # never leave a target layer dense (or unloadable) by accident
+        raise UserError(f"adapt: the base checkpoint in {src} has no tensor(s) "
+                        f"{', '.join(f'{n}.weight' for n in missing[:4])}")
+    if (src / INDEX).is_file():
+        index = read_json(src / INDEX)
+        metadata = {**index.get("metadata", {}), "total_size": total}
+        write_json(out / INDEX, {**index, "metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
+    _record_dtype(out / "config.json", dtype)
+
+
+def _record_dtype(config_json: Path, dtype: torch.dtype) -> None:
+    if not config_json.is_file():
+        return
+    config = read_json(config_json)
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    if any(config.get(k) != name for k in keys):
+        write_json(config_json, {**config, **{k: name for k in keys}})
+
+
+def write_model_from(model, tokenizer, out: Path, replaced: dict[str, dict[str, torch.Tensor]],
+                     dtype: torch.dtype) -> None:
+    """:func:`write_model_files` for a loaded model (no safetensors folder to start from): the model (and the
+    tokenizer, when not None) is saved in that layout first, then written from there."""
+    import shutil
+
+    staging = out.parent / f".{out.name}-base"
+    model.save_pretrained(staging)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    write_quantization_record(out_dir, packed, config)
-    return dict(packed)
+        tokenizer.save_pretrained(staging)
+    try:
+        write_model_files(staging, out, weight_shards(staging), replaced, dtype)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

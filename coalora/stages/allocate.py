@@ -16,15 +16,13 @@ pool's grid points). Writes
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 
 import numpy as np
 
 from coalora import interrupt
 from coalora.allocate import allocate_budget, budget_range, random_at_budget
-from coalora.artifacts import write_text_atomic
+from coalora.artifacts import write_csv
 from coalora.calibrate import CostTable
 from coalora.errors import UserError
 from coalora.params import Params
@@ -68,13 +66,10 @@ def _unique(configs: list[Config], exclude: set[str] = frozenset()) -> list[Conf
     return kept
 
 
-def _csv(rows: list[tuple[str, Config]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for name, c in rows:
-        writer.writerow([c.id, name, c.meta["source"], c.meta["budget"], f"{c.bits:.6f}", f"{c.meta['cost']:.6e}"])
-    return buffer.getvalue()
+def _csv_rows(rows: list[tuple[str, Config]]) -> list[list]:
+    """configs.csv rows (``CSV_COLUMNS``) of (set name, config) pairs."""
+    return [[c.id, name, c.meta["source"], c.meta["budget"], f"{c.bits:.6f}", f"{c.meta['cost']:.6e}"]
+            for name, c in rows]
 
 
 def _check_budgets(budgets: list[float], key: str, bpp: np.ndarray, numel: np.ndarray) -> None:
@@ -131,7 +126,8 @@ def run(params: Params, ctx: StageContext) -> dict:
         (ctx.out / name).mkdir()
         for config in configs:
             config.save(ctx.out / name / f"{config.id}.json")
-    write_text_atomic(ctx.out / "configs.csv", _csv([("pool", c) for c in pool] + [("unseen", c) for c in unseen]))
+    write_csv(ctx.out / "configs.csv", CSV_COLUMNS,
+              _csv_rows([("pool", c) for c in pool] + [("unseen", c) for c in unseen]))
     seconds = pool_seconds + unseen_seconds
     milp = pool_all + [c for c in unseen if c.meta["source"] == "milp"]
     return {

@@ -22,14 +22,13 @@ from typing import Any, Callable, Iterator
 
 import coalora
 from coalora import parallel
-from coalora.artifacts import (RECORD, atomic_folder, content_id, folder_digest, read_json, sha256_file,
-                               verify_manifest, write_json)
+from coalora.artifacts import (ARTIFACTS, RECORD, atomic_folder, content_id, folder_digest, read_json,
+                               sha256_file, verify_manifest, write_json)
 from coalora.errors import ArtifactError, UserError, file_error
 from coalora.params import Params
 
 log = logging.getLogger("coalora.stages")
 
-ARTIFACTS = "artifacts"
 WORK = ".work"
 SOURCE_ROOT = Path(coalora.__file__).resolve().parent.parent
 

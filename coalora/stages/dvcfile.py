@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from coalora.stages.core import ARTIFACTS, code_paths
+from coalora.artifacts import ARTIFACTS
+from coalora.stages.core import code_paths
 
 WRAPPER = "bin/coalora-stage"
 

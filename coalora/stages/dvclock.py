@@ -20,8 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from coalora.artifacts import MANIFEST, read_json, sha256_file, write_json
-from coalora.stages.core import ARTIFACTS
+from coalora.artifacts import ARTIFACTS, MANIFEST, read_json, sha256_file, write_json
 
 log = logging.getLogger("coalora.dvc")
 

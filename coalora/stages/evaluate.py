@@ -26,18 +26,17 @@ re-scored, never reused.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from pathlib import Path
 
 from coalora import interrupt
-from coalora.artifacts import content_id, folder_digest, read_json, write_json, write_text_atomic
+from coalora.artifacts import content_id, folder_digest, read_json, write_csv, write_json
 from coalora.data.summary import BENCHMARK_NAMES
 from coalora.errors import UserError
 from coalora.params import Params
 from coalora.stages.core import Stage, StageContext
+from coalora.trained import read_targets
 
 log = logging.getLogger("coalora.stages.evaluate")
 _WORKER: tuple | None = None  # (params, ctx, scorer) of a scoring process (``_worker_init``)
@@ -91,7 +90,7 @@ class _Scorer:
             # one scratch folder per process: Benchmarks clears its folder, and scoring processes run at once
             self._benchmarks = Benchmarks(self.ctx.input("data"), p.eval.tasks, p.eval.limit,
                                           self.ctx.work / "lm_eval" / str(os.getpid()))
-        dtype = read_json(self.ctx.input("train") / "targets.json")["dtype"]  # what the methods trained in
+        dtype = read_targets(self.ctx.input("train"))["dtype"]  # what the methods trained in
         inputs = RowInputs({name: self.ctx.input(name) for name in DEPS}, p.eval, p.lora,
                            tuple(p.quant.target_modules), p.seed, dtype)
         return score_row(job, inputs, self._benchmarks)
@@ -189,7 +188,7 @@ def run(params: Params, ctx: StageContext) -> dict:
     """The stage: every row (reusing finished ones), then table.csv, table.json, items.safetensors,
     jobs.json, metrics.json."""
     from coalora.evaluate.items import FILE, write_items
-    from coalora.evaluate.table import flat_columns, method_means
+    from coalora.evaluate.table import flat_columns, flat_row, method_means
 
     planned = _plan(params, ctx)
     todo = [job for job in planned if _intact(ctx.work / ROWS / f"{job.id}.json", row_key(params, ctx, job)) is None]
@@ -205,7 +204,7 @@ def run(params: Params, ctx: StageContext) -> dict:
                                         "seen_budgets": params.evaluate.seen_budgets,
                                         "benchmarks": benchmark_names(ctx.input("data"), params.eval.tasks),
                                         "rows": rows})
-    write_text_atomic(ctx.out / TABLE, _csv(rows, params.eval.tasks))
+    write_csv(ctx.out / TABLE, flat_columns(params.eval.tasks), [flat_row(row, params.eval.tasks) for row in rows])
     metrics = method_means(rows)
     write_json(ctx.out / METRICS, metrics)
     protocols = sorted({row["ppl_protocol"] for row in rows})
@@ -234,16 +233,6 @@ def benchmark_names(data_dir: Path, tasks) -> dict[str, str]:
         names[t] = description if isinstance(description, str) else fallback.format(
             name=BENCHMARK_NAMES.get(t, t))
     return names
-
-
-def _csv(rows: list[dict], tasks) -> str:
-    from coalora.evaluate.table import flat_columns, flat_row
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=flat_columns(tasks), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(flat_row(row, tasks) for row in rows)
-    return buffer.getvalue()
 
 
 STAGE = Stage(

@@ -22,6 +22,7 @@ from __future__ import annotations
 from coalora.artifacts import read_json, write_json, write_text_atomic
 from coalora.params import TRAIN_METHODS, Params
 from coalora.stages.core import Stage, StageContext
+from coalora.trained import read_targets
 
 METRICS = "metrics.json"
 # Plots `dvc plots show` renders: metric vs bits, one series per method (one file each). Only metrics every
@@ -45,7 +46,7 @@ def run(params: Params, ctx: StageContext) -> dict:
     stats = Stats(rows, Resampler(items, tasks, meta["tokens_per_window"], p.bootstrap.resamples, p.bootstrap.seed),
                   p.bootstrap.confidence)
     summary = summarise(stats, tasks, ctx.input("train"), p)
-    targets = read_json(ctx.input("train") / "targets.json")
+    targets = read_targets(ctx.input("train"))
     claims = build_claims(summary, p.claims, p.serve_k, targets["steps_per_config"])
     check_claims(claims)
     write_json(ctx.out / "summary.json", summary)

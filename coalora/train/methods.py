@@ -110,3 +110,20 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 assert tuple(METHODS) == TRAIN_METHODS, "coalora.params.TRAIN_METHODS and the table must name the same methods"
+
+
+def check_pool_methods(train: TrainParams, search_rounds: int, pool_size: int, n_targets: int) -> None:
+    """Fail before any training when a pool method of ``train.methods`` cannot run: it draws ``train.k``
+    distinct pool configs per step, and needs a step for every search round.
+
+    Raises:
+        UserError: naming ``train.k`` (pool too small) or the round setting (``search.round_steps``).
+    """
+    from coalora.search import round_steps
+
+    pool_methods = [METHODS[name] for name in train.methods if METHODS[name].has_pool]
+    if pool_methods and train.k > pool_size:
+        raise UserError(f"train.k: {train.k} configs per step, but the pool holds only {pool_size}; "
+                        f"lower train.k or enlarge the pool (allocate.grid_size)")
+    for method in pool_methods:
+        round_steps(method.steps(train, n_targets), search_rounds)

@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 
 from coalora import parallel
+from coalora.model import rebuild
+from coalora.model.rebuild import Recipe
 from coalora.params import LoraParams, SearchParams, TrainParams
 from coalora.search import RoundSetup, pool_configs, round_steps, search_round
 from coalora.search.rounds import new_state
@@ -121,7 +123,7 @@ def run_plan(method: Method, setup: TrainSetup) -> list[tuple[str, list[Config],
         sample = setup.pool if method.sample_from == "pool" else setup.targets
         return [(JOINT, list(sample), list(setup.targets))]
     if method.runs == "uniform":
-        from coalora.train.bnb import uniform_config
+        from coalora.model.bnb import uniform_config
 
         config = uniform_config(setup.layers)
         return [(config.id, [config], [config])]
@@ -129,24 +131,13 @@ def run_plan(method: Method, setup: TrainSetup) -> list[tuple[str, list[Config],
 
 
 def build_model(method: Method, setup: TrainSetup):
-    """A fresh trainable model for the method (CoAModel, or peft LoRA on bitsandbytes NF4)."""
-    base = setup.load_model()
-    torch.manual_seed(setup.seed)  # module initialisers (θ) draw from the global generator
-    if method.backend == "bnb":
-        from coalora.train.bnb import BnbLoraModel
-
-        return BnbLoraModel(base, setup.layers, setup.lora)
-    from coalora.model.coa import CoAModel
-
-    return CoAModel(base, dict(setup.layers), setup.lora, use_confignet=method.confignet)
+    """A fresh trainable model for the method (``coalora.model.rebuild``: CoAModel, or peft LoRA on NF4)."""
+    return rebuild.build(Recipe.of(method, setup.seed), setup.load_model(), setup.layers, setup.lora)
 
 
 def init_run(model, method: Method, seed: int) -> None:
     """Start a run afresh: LQ-LoRA's SVD init with the residual as the quantized base, or A random, B = 0."""
-    if method.init == "svd":
-        model.set_residual_base(model.init_lqlora(seed))
-    else:
-        model.reset_lora(seed)
+    rebuild.start(model, Recipe.of(method, seed))
 
 
 def train_method(method: Method, setup: TrainSetup, work: Path,
@@ -159,29 +150,18 @@ def train_method(method: Method, setup: TrainSetup, work: Path,
         work: the method's checkpoint folder (``ctx.work/<method>``).
         on_step: passed to :meth:`Trainer.run` (tests use it to interrupt a run).
     """
-    if method.backend == "bnb":
-        from coalora.train.bnb import skip_reason
-
-        if (reason := skip_reason()) is not None:
-            log.warning("%s skipped: %s", method.name, reason)
-            return MethodResult(method, skipped=reason)
+    recipe = Recipe.of(method, setup.seed)
+    if (reason := rebuild.backend(recipe).unavailable()) is not None:
+        log.warning("%s skipped: %s", method.name, reason)
+        return MethodResult(method, skipped=reason)
     model = parallel.to_device(build_model(method, setup))  # launched: onto this rank's device before any init
-    result = MethodResult(method, header=adapter_header(model, method))
+    result = MethodResult(method, header=rebuild.adapter_header(model, recipe))
     try:
         for name, sample, scored in run_plan(method, setup):
             result.runs.append(train_run(model, method, setup, name, sample, scored, Path(work) / name, on_step))
     finally:
         parallel.release()  # launched: drop the DDP wrapper and optimizers of this method's model
     return result
-
-
-def adapter_header(model, method: Method) -> dict:
-    """The JSON header of the method's adapter files."""
-    if method.backend == "bnb":
-        return model.adapter_metadata()
-    from coalora.model.coa import adapter_metadata
-
-    return adapter_metadata(model)
 
 
 def _settings(method: Method, setup: TrainSetup) -> LoopSettings:

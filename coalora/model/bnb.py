@@ -1,5 +1,7 @@
 """The classic QLoRA reference point: peft LoRA on bitsandbytes NF4 layers (METHOD.md §6, last bullet).
 
+The ``bnb`` backend of ``coalora.model.rebuild`` (training and evaluation build it from there).
+
 Every quantized layer becomes ``bitsandbytes.nn.Linear4bit`` (NF4, double-quantized scales, blocksize 64:
 4.127 bits, the uniform spec ``QLORA_SPEC``), guarded against the CPU repack trap, and peft adds LoRA on
 top. :class:`BnbLoraModel` gives it the interface the training loop expects of a CoAModel, so the one loop
