@@ -2,7 +2,7 @@
 
 From the project's artifacts — the base model (``artifacts/base_model``), the cost table
 (``artifacts/calibrate``, budget mode only) and the trained adapter + θ
-(``artifacts/train/coalora/adapter.safetensors``, named by ``coalora.trained``, read and split into A, B
+(``artifacts/train/coalora/adapter.safetensors``: placed by ``coalora.trained``, read and split into A, B
 and θ by ``coalora.model.adapter``; no model is built) — it
 
     1. allocate   solves the budget's integer program on the recorded cost table (or reads a config file);
@@ -86,7 +86,7 @@ def compute_dtype(header: dict[str, Any], default: str) -> torch.dtype:
 
 
 def load_trained_adapter(train_dir: Path, alpha: float, dropout: float) -> TrainedAdapter:
-    """The train stage's coalora adapter (``coalora.trained``), split into A, B and θ."""
+    """The train stage's coalora adapter, split into A, B and θ."""
     path = Path(train_dir) / adapter_file(METHOD)
     if not path.is_file():
         raise UserError(f"adapt: {path} not found (the train stage wrote no CoA-LoRA adapter); "

@@ -83,7 +83,7 @@ def test_evaluation_does_not_load_the_training_package():
     """Importing coalora.evaluate and every module of it (in a fresh interpreter) loads no coalora.train module."""
     code = ("import importlib, pkgutil, sys, coalora.evaluate as e\n"
             "for m in pkgutil.iter_modules(e.__path__): importlib.import_module(f'coalora.evaluate.{m.name}')\n"
-            "import coalora.stages.evaluate, coalora.model.rebuild, coalora.trained, coalora.adapt\n"
+            "import coalora.stages.evaluate, coalora.stages.report, coalora.model.rebuild, coalora.adapt\n"
             "print(sorted(n for n in sys.modules if n == 'coalora.train' or n.startswith('coalora.train.')))\n"
             "print(len([n for n in sys.modules if n.startswith('coalora.evaluate.')]))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("\n")

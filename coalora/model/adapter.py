@@ -1,4 +1,4 @@
-"""The adapter file: its name, its writer and reader, its header, and its split into A, B and θ.
+"""The adapter file: its writer and reader, its header, and its split into A, B and θ.
 
     adapter.safetensors   the trained adapter's tensors (``CoAModel.adapter_state_dict()``: ``<layer>.lora_A``
                           (r, in), ``<layer>.lora_B`` (out, r), ``confignet.<name>``; peft's keys for the
@@ -8,8 +8,11 @@
                           the method and the config ids, the bitsandbytes backend ``format: peft`` and its
                           quantizer.
 
-This module is the one place that names, writes and reads the file: the train stage writes it, evaluation
-and ``coalora adapt`` read it.
+This module is the one place that writes and reads the file's content: the train stage writes it, evaluation
+and ``coalora adapt`` read it. Its name and place in the train stage's output (``<method>/adapter.safetensors``
+for a joint method, ``<method>/<config id>/adapter.safetensors`` for a per-config one) are
+``coalora.trained.adapter_file``, beside the stage's other files (so that reading the train stage's small
+JSON files does not load the model package).
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from coalora.model.confignet import ConfigNet, vocabulary
 if TYPE_CHECKING:  # pragma: no cover
     from coalora.model.coa import CoAModel
 
-ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_META = "coalora.adapter"  # safetensors metadata key of the adapter file's JSON header
 
 

@@ -4,7 +4,7 @@ Reads the base model (``base_model``), the fine-tuning data (``data``, split by 
 the pool and the common unseen set (``allocate``; the search never proposes an unseen config); trains each
 method of ``train.methods`` (the table in ``coalora.train.methods``) and writes, for each, its adapter file(s),
 train.json, drawn configs and losses, plus targets.json and metrics.json: the layout and every file's writer
-and reader are ``coalora.trained``.
+and reader are ``coalora.trained`` (the writers: ``coalora.trained.write``).
 
 Checkpoints live in ``artifacts/.work/train/<method>/``, which survives a failed attempt: a re-run resumes
 there (finished methods and runs are loaded, not retrained). Checkpoints made from other inputs or params are
@@ -25,7 +25,8 @@ from coalora import parallel
 from coalora.artifacts import content_id, folder_digest, read_json, write_json
 from coalora.params import Params
 from coalora.stages.core import Stage, StageContext
-from coalora.trained import METRICS, write_method, write_metrics, write_targets
+from coalora.trained import METRICS
+from coalora.trained.write import write_method, write_metrics, write_targets
 
 log = logging.getLogger("coalora.stages.train")
 

@@ -1,81 +1,17 @@
-"""The train stage's output folder: its layout, and the one writer and reader of each of its files.
-
-    <method>/adapter.safetensors              joint methods (coalora family, shared): the one adapter (+ θ)
-    <method>/<config id>/adapter.safetensors  per-config methods (qlora, lqlora, qlora-bnb): one per config
-    <method>/train.json                       :func:`method_record`: how the method's model was built (backend,
-                                              confignet, init, seed: ``coalora.model.rebuild.Recipe``),
-                                              steps, config-steps, seconds, losses, configs, K, target bits,
-                                              compute rule, ``config_draws`` (config id → steps trained under
-                                              it: a config is *seen* by a method iff it is drawn here); pool
-                                              methods: ``rounds`` (per search round: step, pool with bits
-                                              and f1, front, hypervolume and its reference, proposals)
-    <method>/configs/<config id>.json         every config the method drew (``Config.save`` files)
-    <method>/pool/<config id>.json            pool methods (coalora, coalora-frozen, coalora-random): the
-                                              FINAL pool, each a ``Config.save`` file
-    <method>/rounds.csv                       pool methods: round, id, bits, f1, in_pool, on_front
-    <method>/loss.csv                         step, run, loss (per-config runs follow each other)
-    targets.json                              the target set (id, bits, target bits), pool and unseen sizes,
-                                              the training dtype and seed, steps per config
-    metrics.json                              flat: final loss, held-out loss before/after, seconds per method
-
-Adapter files are written and read by ``coalora.model.adapter``. Writers take the training package's results
-(``coalora.train.runner.MethodResult``, ``TrainSetup``) without importing it, so that evaluation, which
-reads these files, does not load the training package.
-"""
+"""The train stage's files, written (the layout, and their readers: :mod:`coalora.trained`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from coalora.artifacts import read_json, write_csv, write_json
-from coalora.model.adapter import ADAPTER_FILE, write_adapter
+from coalora.artifacts import write_csv, write_json
+from coalora.model.adapter import write_adapter
+from coalora.trained import DRAWN, JOINT_RUNS, adapter_file, LOSS_CSV, METRICS, POOL, ROUNDS_CSV, TARGETS, TRAIN_JSON
 
-TRAIN_JSON = "train.json"
-TARGETS = "targets.json"
-METRICS = "metrics.json"
-DRAWN = "configs"   # <method>/configs/: every config the method drew
-POOL = "pool"       # <method>/pool/: a pool method's final pool
-JOINT_RUNS = "joint"
 COMPUTE_RULE = ("config-step = one forward+backward of one configuration on one batch; per-config methods: "
                 "steps_per_config for each target; joint methods (coalora family, shared): "
                 "joint_compute x steps_per_config x targets config-steps, taken K per step")
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------------------
-
-def adapter_file(method: str, run: str | None = None) -> str:
-    """An adapter file, relative to the train stage's output: the one adapter of a joint method (``run``
-    None), else the adapter of the method's run for config id ``run``."""
-    return f"{method}/{ADAPTER_FILE}" if run is None else f"{method}/{run}/{ADAPTER_FILE}"
-
-
-def read_record(train_dir: Path, method: str) -> dict:
-    """The method's train.json."""
-    return read_json(Path(train_dir) / method / TRAIN_JSON)
-
-
-def read_targets(train_dir: Path) -> dict:
-    """targets.json: ``targets`` (id, bits, target_bits), ``pool``, ``unseen``, ``dtype``, ``seed``,
-    ``steps_per_config``."""
-    return read_json(Path(train_dir) / TARGETS)
-
-
-def trained_methods(train_dir: Path) -> dict[str, dict]:
-    """method → its train.json, for the methods the train stage trained (skipped ones left out), in the
-    order of ``TRAIN_METHODS``, then any other by name."""
-    from coalora.params import TRAIN_METHODS
-
-    names = sorted(p.parent.name for p in Path(train_dir).glob(f"*/{TRAIN_JSON}"))
-    ordered = [n for n in TRAIN_METHODS if n in names] + [n for n in names if n not in TRAIN_METHODS]
-    records = {name: read_record(train_dir, name) for name in ordered}
-    return {name: r for name, r in records.items() if not r.get("skipped")}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------------------
 
 def _mean(values) -> float | None:
     values = list(values)
@@ -161,7 +97,7 @@ def write_method(folder: Path, result, setup, target_rows: list[dict], wall: flo
         write_adapter(path, r.adapter, {**result.header, "method": result.method.name, "config_ids": r.configs})
         rows += [(offset + step, r.name, f"{loss:.6f}") for step, loss in r.losses]
         offset += r.steps
-    write_csv(folder / "loss.csv", ("step", "run", "loss"), rows)
+    write_csv(folder / LOSS_CSV, ("step", "run", "loss"), rows)
     record = method_record(result, setup, target_rows, wall)
     write_drawn(folder, result, setup, record["config_draws"])
     if result.method.has_pool and result.runs:
@@ -194,7 +130,7 @@ def write_search(folder: Path, state: dict, layers, record: dict) -> None:
         pool, front = set(p["id"] for p in r["pool"]), set(r["front"])
         rows += [(r["round"], m["id"], f"{m['bits']:.6f}", f"{m['f1']:.6f}", int(m["id"] in pool),
                   int(m["id"] in front)) for m in r["measured"]]
-    write_csv(folder / "rounds.csv", ("round", "id", "bits", "f1", "in_pool", "on_front"), rows)
+    write_csv(folder / ROUNDS_CSV, ("round", "id", "bits", "f1", "in_pool", "on_front"), rows)
 
 
 def flat_metrics(records: dict[str, dict]) -> dict[str, float]:
