@@ -90,10 +90,11 @@ def _merged_stats(folders: dict[str, Path], params: Params):
     from coalora.evaluate.bootstrap import Resampler
     from coalora.evaluate.items import FILE, read_items
     from coalora.evaluate.summary import Stats
+    from coalora.evaluate.table import read_table
 
     rows, items, tokens = [], {}, set()
     for prefix, folder in folders.items():
-        table = read_json(folder / ARTIFACTS / "evaluate" / "table.json")
+        table = read_table(folder / ARTIFACTS / "evaluate")
         found, meta = read_items(folder / ARTIFACTS / "evaluate" / FILE)
         tokens.add(meta["tokens_per_window"])
         for row in table["rows"]:

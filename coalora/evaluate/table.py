@@ -1,4 +1,6 @@
-"""The evaluation table: rows (``row.score_row``) as flat CSV records, and per-method means.
+"""The evaluation table: rows (``row.score_row``) as flat CSV records, and per-method means; the one writer
+and reader of the evaluate stage's ``table.json`` (every row whole, with the tasks, limit, seen budgets and
+benchmark names) and ``table.csv`` (the flat records, for reading and DVC plots).
 
 Column names: ``<task>`` is the task's accuracy, ``<task>_norm`` its length-normalised accuracy (ARC only:
 lm-eval reports ``acc_norm`` for multiple-choice tasks with answers of different lengths), ``acc_mean`` the
@@ -8,10 +10,14 @@ unweighted mean accuracy over the tasks, ``ppl`` the perplexity under ``ppl_prot
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
+
+from coalora.artifacts import read_json, write_csv, write_json
 
 ID_COLUMNS = ("method", "config_id", "set", "bits", "layers_from_trained", "budgets", "adapter_config")
 TAIL_COLUMNS = ("acc_mean", "ppl", "ppl_protocol", "switch_seconds", "eval_seconds")
+TABLE_JSON, TABLE_CSV = "table.json", "table.csv"
 
 
 def has_norm(task: str) -> bool:
@@ -72,3 +78,15 @@ def method_means(rows: Sequence[dict]) -> dict[str, float]:
                 out[f"{method}.{name}.ppl"] = round(math.exp(sum(r["nll"] for r in subset) / len(subset)), 6)
                 out[f"{method}.{name}.rows"] = len(subset)
     return out
+
+
+def write_table(folder: Path, rows: Sequence[dict], tasks: Sequence[str], **header) -> None:
+    """``table.json`` (``header`` fields, ``tasks`` and the whole ``rows``, items left out) and ``table.csv``
+    (:func:`flat_row` of each row) in ``folder``."""
+    write_json(Path(folder) / TABLE_JSON, {**header, "tasks": list(tasks), "rows": list(rows)})
+    write_csv(Path(folder) / TABLE_CSV, flat_columns(tasks), [flat_row(row, tasks) for row in rows])
+
+
+def read_table(folder: Path) -> dict:
+    """The evaluate stage's ``table.json``: ``rows``, ``tasks``, ``limit``, ``seen_budgets``, ``benchmarks``."""
+    return read_json(Path(folder) / TABLE_JSON)

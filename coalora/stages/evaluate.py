@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 
 from coalora import interrupt
-from coalora.artifacts import content_id, folder_digest, read_json, write_csv, write_json
+from coalora.artifacts import content_id, folder_digest, read_json, write_json
 from coalora.data.summary import BENCHMARK_NAMES
 from coalora.errors import UserError
 from coalora.params import Params
@@ -44,7 +44,6 @@ _WORKER: tuple | None = None  # (params, ctx, scorer) of a scoring process (``_w
 DEPS = ("data", "base_model", "allocate", "train")
 ROWS = "rows"
 METRICS = "metrics.json"
-TABLE = "table.csv"
 
 
 def _plan(params: Params, ctx: StageContext):
@@ -188,7 +187,7 @@ def run(params: Params, ctx: StageContext) -> dict:
     """The stage: every row (reusing finished ones), then table.csv, table.json, items.safetensors,
     jobs.json, metrics.json."""
     from coalora.evaluate.items import FILE, write_items
-    from coalora.evaluate.table import flat_columns, flat_row, method_means
+    from coalora.evaluate.table import flat_columns, method_means, write_table
 
     planned = _plan(params, ctx)
     todo = [job for job in planned if _intact(ctx.work / ROWS / f"{job.id}.json", row_key(params, ctx, job)) is None]
@@ -200,11 +199,9 @@ def run(params: Params, ctx: StageContext) -> dict:
     write_items(ctx.out / FILE, rows, params.eval.tasks)
     rows = [{k: v for k, v in row.items() if k != "items"} for row in rows]
     write_json(ctx.out / "jobs.json", [job.to_dict() for job in planned])
-    write_json(ctx.out / "table.json", {"tasks": list(params.eval.tasks), "limit": params.eval.limit,
-                                        "seen_budgets": params.evaluate.seen_budgets,
-                                        "benchmarks": benchmark_names(ctx.input("data"), params.eval.tasks),
-                                        "rows": rows})
-    write_csv(ctx.out / TABLE, flat_columns(params.eval.tasks), [flat_row(row, params.eval.tasks) for row in rows])
+    write_table(ctx.out, rows, params.eval.tasks, limit=params.eval.limit,
+                seen_budgets=params.evaluate.seen_budgets,
+                benchmarks=benchmark_names(ctx.input("data"), params.eval.tasks))
     metrics = method_means(rows)
     write_json(ctx.out / METRICS, metrics)
     protocols = sorted({row["ppl_protocol"] for row in rows})

@@ -19,7 +19,7 @@ re-runs in seconds without re-scoring any row.
 
 from __future__ import annotations
 
-from coalora.artifacts import read_json, write_json, write_text_atomic
+from coalora.artifacts import write_json, write_text_atomic
 from coalora.params import TRAIN_METHODS, Params
 from coalora.stages.core import Stage, StageContext
 from coalora.trained import read_targets
@@ -38,9 +38,10 @@ def run(params: Params, ctx: StageContext) -> dict:
     from coalora.evaluate.items import FILE, read_items
     from coalora.evaluate.report import markdown, write_dvc_files, write_plots
     from coalora.evaluate.summary import Stats, flat_metrics, summarise
+    from coalora.evaluate.table import read_table
 
     p = params.report
-    table = read_json(ctx.input("evaluate") / "table.json")
+    table = read_table(ctx.input("evaluate"))
     rows, tasks = table["rows"], table["tasks"]
     items, meta = read_items(ctx.input("evaluate") / FILE)
     stats = Stats(rows, Resampler(items, tasks, meta["tokens_per_window"], p.bootstrap.resamples, p.bootstrap.seed),
