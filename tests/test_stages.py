@@ -118,6 +118,17 @@ def test_atomic_writes_have_ordinary_permissions(tmp_path):
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def test_csv_tables_are_written_whole_from_sequences_or_mappings(tmp_path):
+    from coalora.artifacts import write_csv
+
+    write_csv(tmp_path / "t.csv", ("step", "run", "loss"), [(0, "joint", "1.500000"), {"step": 1, "loss": 2}])
+    assert (tmp_path / "t.csv").read_text() == "step,run,loss\n0,joint,1.500000\n1,,2\n"  # \n line ends
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]  # no temporary file left
+    with pytest.raises(ValueError, match="not in fieldnames"):  # a key that is no column is refused, as csv.DictWriter does
+        write_csv(tmp_path / "bad.csv", ("a",), [{"a": 1, "b": 2}])
+    assert not (tmp_path / "bad.csv").exists()
+
+
 def _timed_upstream(params, ctx):
     CALLS.append("up")
     write_json(ctx.out / "value.json", {"n": params.world.n_entities, "seconds": len(CALLS) * 1.5})

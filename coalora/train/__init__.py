@@ -5,8 +5,8 @@
     targets     the training pool and the target set every method is trained for
     loop        Trainer: the one training loop (K configs per step, losses summed), checkpointing
     checkpoint  safetensors + JSON checkpoints, digest-verified, atomic; optimizer and RNG state
-    runner      one method's runs (per-config or joint), resumable
-    bnb         the classic QLoRA on bitsandbytes NF4 (optional)
+    heldout     the split of the training data: training batches, the held-out batch, the f1 slice
+    runner      one method's runs (per-config or joint), resumable; models built by coalora.model.rebuild
 """
 
 from coalora.train.loop import LoopSettings, Trainer, eval_losses
