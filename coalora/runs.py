@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from coalora.artifacts import ARTIFACTS
 from coalora.errors import UserError
 
 
@@ -109,7 +110,7 @@ def cmd_run(args) -> int:
                 dask=args.dask, dask_address=args.dask_address, dask_workers=args.dask_workers)
     for name, outcome in result["stages"].items():
         _print_stage(name, outcome["state"], outcome["summary"])
-    print(f"artifacts: {Path(args.root).resolve() / 'artifacts'}")
+    print(f"artifacts: {Path(args.root).resolve() / ARTIFACTS}")
     print_report(Path(args.root).resolve(), result.get("mlflow"))
     return 0
 
@@ -179,7 +180,7 @@ def _up_to_date(args, params, selected: list[str]) -> bool:
     from coalora.stages.dvclock import record_stages
 
     record_stages(root, args.profile, selected)  # DVC in step, also with outputs made by `coalora stage`
-    print(f"artifacts: {root / 'artifacts'}")
+    print(f"artifacts: {root / ARTIFACTS}")
     tracked = None
     if not args.no_track:
         from coalora.track import already_tracked, log_pipeline
@@ -195,7 +196,7 @@ def _up_to_date(args, params, selected: list[str]) -> bool:
 
 def print_report(root: Path, tracked: dict | None) -> None:
     """Where to look next: the report (when a report stage wrote one) and the MLflow run."""
-    reports = sorted((root / "artifacts").glob("report/*.md")) + sorted((root / "artifacts").glob("report/*.html"))
+    reports = sorted((root / ARTIFACTS).glob("report/*.md")) + sorted((root / ARTIFACTS).glob("report/*.html"))
     if reports:
         print(f"report:    {reports[0]}")
     if tracked:
