@@ -29,7 +29,7 @@ from coalora.artifacts import read_json, write_json
 from coalora.errors import ArtifactError, UserError
 from coalora.progress import progress as progress_bar
 from coalora.quant import SPEC_FIELDS, QuantSpec, all_specs
-from coalora.quant.fake import block_absmax, check_weight, padded_blocks
+from coalora.quant.quantizer import block_absmax, check_weight, padded_blocks
 from coalora.quant.sweep import SCALE_COMBOS, block_error_sums, scale_sets
 from coalora.space import Layers, model_weights
 

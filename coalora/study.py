@@ -89,7 +89,7 @@ def _merged_stats(folders: dict[str, Path], params: Params):
     """One ``Stats`` over several evaluations of the same items: rows and job ids prefixed by their source."""
     from coalora.evaluate.bootstrap import Resampler
     from coalora.evaluate.items import FILE, read_items
-    from coalora.evaluate.summary import Stats
+    from coalora.evaluate.statistics import Stats
     from coalora.evaluate.table import read_table
 
     rows, items, tokens = [], {}, set()
@@ -108,7 +108,7 @@ def _merged_stats(folders: dict[str, Path], params: Params):
 
 def compute_study(root: Path, params: Params, progress: bool = True) -> dict:
     """Run the compute study (module docstring); writes ``summary.json`` and ``report.md``; returns the summary."""
-    from coalora.evaluate.summary import interval_of
+    from coalora.evaluate.statistics import interval_of
 
     base, p = params.report.baseline, params.train
     if base not in p.methods:
@@ -159,7 +159,7 @@ def mean_over(stats, method: str, configs: Sequence[str], metric: str):
 
 
 def compute_markdown(s: dict) -> str:
-    from coalora.evaluate.report import _ci, _table
+    from coalora.evaluate.render import _ci, _table
 
     lines = [[f"{r['multiplier']:g}×", r["config_steps"], round(r["seconds"], 1), f"{r['acc_mean']:.4f}",
               f"{r['ppl']:.4f}", _ci(r["acc_gap_points"], 2), _ci(r["ppl_ratio"]),
@@ -221,7 +221,7 @@ def seeds_study(root: Path, params: Params, progress: bool = True) -> dict:
 
 
 def seeds_markdown(s: dict) -> str:
-    from coalora.evaluate.report import _table
+    from coalora.evaluate.render import _table
 
     lines = []
     for c in s["claims"]:

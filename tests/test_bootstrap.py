@@ -10,7 +10,7 @@ import pytest
 from coalora.evaluate.bootstrap import Resampler, counts, hypervolume_batch
 from coalora.evaluate.claims import (at_most, build_claims, check_claims, cost_claim, equivalence,
                                      ratio_claim, superiority)
-from coalora.evaluate.summary import Stats, summarise
+from coalora.evaluate.statistics import Stats, summarise
 from coalora.pareto import hypervolume
 
 TASKS = ["boolq", "winogrande"]

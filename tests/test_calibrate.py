@@ -13,7 +13,7 @@ from coalora.calibrate import (SEGMENT, CostTable, calibration_sequences, cost_t
 from coalora.errors import ArtifactError, ParamsError, UserError
 from coalora.params import load_params
 from coalora.quant import QLORA_SPEC, QuantSpec, all_specs, fake_quantize, quantization_error, quantize_parts
-from coalora.quant.fake import block_absmax, block_scales, padded_blocks
+from coalora.quant.quantizer import block_absmax, block_scales, padded_blocks
 from coalora.quant.sweep import SCALE_COMBOS, scale_sets
 from coalora.space import model_weights, quantized_layers
 from coalora.stages.core import StageContext

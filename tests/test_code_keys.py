@@ -80,7 +80,7 @@ def test_editing_a_source_file_changes_exactly_the_keys_of_the_stages_using_it(r
     shutil.copytree(repo_root / "coalora", copy / "coalora", ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(core, "SOURCE_ROOT", copy)
     before = {name: core.code_digest(stage) for name, stage in STAGES.items()}
-    for rel in ("coalora/allocate.py", "coalora/model/load.py", "coalora/pareto.py", "coalora/evaluate/report.py"):
+    for rel in ("coalora/allocate.py", "coalora/model/load.py", "coalora/pareto.py", "coalora/evaluate/render.py"):
         users = {name for name, stage in STAGES.items() if rel in core.code_paths(stage)}
         assert users, rel
         path = copy / rel

@@ -163,7 +163,7 @@ def test_source_edit_reruns_exactly_its_stages_under_dvc_repro_without_a_venv(bu
     (root / ".venv").symlink_to(BIN.parent)  # the project's venv, as `make venv` makes it; not activated
     bare = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
     try:
-        summary = root / "coalora/evaluate/summary.py"  # imported by the report stage only
+        summary = root / "coalora/evaluate/statistics.py"  # imported by the report stage only
         original = _append(summary, "\n# edited\n")
         assert re.findall(r"^(\w+):\s*$", dvc(root, "status").stdout, re.M) == ["report"]
         before = stamps(root)

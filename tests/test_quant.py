@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from coalora.quant import (QLORA_SPEC, QuantizedTensor, QuantSpec, all_specs, dequantize_parts, fake_quantize,
                            nf_levels, pack_bits, quantization_error, quantize, quantize_parts, storage_bits, unpack_bits)
-from coalora.quant.fake import block_scales
+from coalora.quant.quantizer import block_scales
 
 SOME_SPECS = [
     QLORA_SPEC,

@@ -16,7 +16,7 @@ from coalora.quant import (
     nf_midpoints,
     quantize_parts,
 )
-from coalora.quant.fake import block_scales
+from coalora.quant.quantizer import block_scales
 
 pytestmark = pytest.mark.skipif(not bnb_available(), reason="bitsandbytes is not installed or cannot load")
 

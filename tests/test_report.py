@@ -45,7 +45,7 @@ def train_dir(tmp_path) -> Path:
 
 
 def test_serving_cost_is_fixed_for_joint_methods_and_linear_for_per_config(train_dir):
-    from coalora.evaluate.summary import method_compute
+    from coalora.evaluate.statistics import method_compute
 
     methods = ["coalora", "qlora", "qlora-bnb"]
     t = method_compute(train_dir, methods, ROWS, k=6)
@@ -60,7 +60,7 @@ def test_serving_cost_is_fixed_for_joint_methods_and_linear_for_per_config(train
 
 
 def test_plots_and_dvc_files(tmp_path):
-    from coalora.evaluate.report import write_dvc_files, write_plots
+    from coalora.evaluate.render import write_dvc_files, write_plots
 
     metrics = ["acc_mean", "boolq", "arc_easy", "ppl"]
     plots = write_plots(tmp_path, ROWS, metrics)

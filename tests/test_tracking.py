@@ -238,7 +238,7 @@ def test_the_library_imports_without_mlflow_or_matplotlib():
     import sys
 
     code = ("import sys; sys.modules['mlflow'] = sys.modules['matplotlib'] = None\n"
-            "import coalora.track, coalora.figures, coalora.evaluate.report, coalora.cli\n"
+            "import coalora.track, coalora.figures, coalora.evaluate.render, coalora.cli\n"
             "print('imported')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "imported" in done.stdout, done.stderr

@@ -1,15 +1,16 @@
 """Quantization for coalora: specs, NF-k double quantization, packing, optional bitsandbytes backend.
 
-    spec    QuantSpec, SPEC_FIELDS, all_specs, QLORA_SPEC, storage_bits
-    nf      nf_levels (NF-k tables)
-    fake    fake_quantize, quantize_parts/dequantize_parts (the one implementation), quantization_error
-    packed  quantize -> QuantizedTensor (bit-packed, safetensors-ready)
-    bnb     bitsandbytes NF4 layers and the CPU repack guard (imported lazily; bitsandbytes optional)
+    spec       QuantSpec, SPEC_FIELDS, all_specs, QLORA_SPEC, storage_bits
+    nf         nf_levels (NF-k tables)
+    quantizer  the NF-k double quantizer: quantize_parts/dequantize_parts (the one implementation),
+               fake_quantize (their composition), quantization_error
+    packed     quantize -> QuantizedTensor (bit-packed, safetensors-ready)
+    bnb        bitsandbytes NF4 layers and the CPU repack guard (imported lazily; bitsandbytes optional)
 """
 
 from .bnb import bnb_available, bnb_nf4_linear, bnb_nf4_roundtrip, guard_bnb_cpu_repack
-from .fake import QuantParts, dequantize_parts, fake_quantize, quantization_error, quantize_parts
 from .nf import NF_DELTA, nf_levels, nf_midpoints
+from .quantizer import QuantParts, dequantize_parts, fake_quantize, quantization_error, quantize_parts
 from .packed import QuantizedTensor, pack_bits, quantize, unpack_bits
 from .spec import QLORA_SPEC, SPEC_FIELDS, QuantSpec, all_specs, block_counts, storage_bits
 

@@ -1,6 +1,6 @@
 """The packed storage format: bit-packed codes plus scales, saveable as safetensors (no pickle).
 
-A ``QuantizedTensor`` holds exactly the pieces of ``coalora.quant.fake.QuantParts``:
+A ``QuantizedTensor`` holds exactly the pieces of ``coalora.quant.quantizer.QuantParts``:
 
     weight_codes  uint8 (ceil(n·b0 / 8),)        the n NF codes as a little-endian bit stream of b0 bits each
     scale_codes   uint8 (ceil(n_blocks·b1 / 8),) the first-level scale codes q, b1 bits each
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .dequant import dequantize_streams
-from .fake import QuantParts, quantize_parts
+from .quantizer import QuantParts, quantize_parts
 from .spec import QuantSpec, block_counts
 
 FORMAT = "coalora.quant.packed/1"

@@ -8,7 +8,7 @@
     6    w / ŝ1 and its grid cell B0, b1, b2, B1             108, shared by the four b0
     6    nearest level, Ŵ, error  every field                432
 
-so this module computes each row of that table once, calling the functions of ``fake.py`` for steps
+so this module computes each row of that table once, calling the functions of ``quantizer.py`` for steps
 1–5 (the one implementation) and ``nf.grid_level_value`` for step 6, whose levels equal those of
 ``nearest_level_index`` (tested). Per weight, the float32 numbers are the ones ``quantization_error``
 forms; only the float64 sums run in another order.
@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .fake import block_scales, safe_divisor, scale_codes
+from .quantizer import block_scales, safe_divisor, scale_codes
 from .nf import grid_cell, grid_level_value
 from .spec import SPEC_FIELDS, QuantSpec, block_counts
 

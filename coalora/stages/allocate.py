@@ -112,7 +112,7 @@ def unseen_configs(table: CostTable, p, cost: np.ndarray, bpp: np.ndarray, numel
     return milp + randoms, seconds
 
 
-def run(params: Params, ctx: StageContext) -> dict:
+def allocate_pool(params: Params, ctx: StageContext) -> dict:
     """Allocate: solve the pool's grid, then the unseen set; write; returns a summary."""
     p = params.allocate
     table = CostTable.load(ctx.input("calibrate"))
@@ -146,7 +146,7 @@ def run(params: Params, ctx: StageContext) -> dict:
 
 STAGE = Stage(
     name="allocate",
-    fn=run,
+    fn=allocate_pool,
     params=("seed", "allocate"),
     deps=("calibrate",),
     description="budgeted integer programs: the initial pool and the common unseen set",

@@ -25,7 +25,7 @@ from coalora.stages.core import Stage, StageContext
 log = logging.getLogger("coalora.stages.calibrate")
 
 
-def run(params: Params, ctx: StageContext) -> dict:
+def calibrate_costs(params: Params, ctx: StageContext) -> dict:
     """Calibrate: sequences → Fisher (weighting fisher) → both cost tables → files; returns a summary."""
     from safetensors.torch import save_file
 
@@ -63,7 +63,7 @@ def run(params: Params, ctx: StageContext) -> dict:
 
 STAGE = Stage(
     name="calibrate",
-    fn=run,
+    fn=calibrate_costs,
     params=("seed", "quant", "calibrate"),
     deps=("data", "base_model"),
     description="Fisher diagonals and the per-(layer, spec) quantization cost tables",

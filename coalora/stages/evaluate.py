@@ -7,7 +7,7 @@ The rows are independent jobs, so an orchestrator can fan them out (one Prefect 
     run_job(params, ctx, job_id)  → scores one row (``coalora.evaluate.row``), writes
                                     ``ctx.work/rows/<job id>.json`` atomically and returns the row; an
                                     intact row made under the same key is reused, not re-scored
-    run(params, ctx)              → the stage: every job not yet done, then the table
+    evaluate_rows(params, ctx)    → the stage: every job not yet done, then the table
 
 Writes
 
@@ -183,7 +183,7 @@ def _score_in_processes(params: Params, ctx: StageContext, jobs: list, workers: 
             raise
 
 
-def run(params: Params, ctx: StageContext) -> dict:
+def evaluate_rows(params: Params, ctx: StageContext) -> dict:
     """The stage: every row (reusing finished ones), then table.csv, table.json, items.safetensors,
     jobs.json, metrics.json."""
     from coalora.evaluate.items import FILE, write_items
@@ -234,7 +234,7 @@ def benchmark_names(data_dir: Path, tasks) -> dict[str, str]:
 
 STAGE = Stage(
     name="evaluate",
-    fn=run,
+    fn=evaluate_rows,
     params=("seed", "quant", "lora", "eval", "evaluate"),
     deps=DEPS,
     metrics=(METRICS,),

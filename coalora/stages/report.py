@@ -2,7 +2,7 @@
 
 Reads the evaluate stage's table and per-item results, and the train stage's records; writes
 
-    summary.json      every statistic of ``coalora.evaluate.summary`` with its paired bootstrap interval:
+    summary.json      every statistic of ``coalora.evaluate.statistics`` with its paired bootstrap interval:
                       hypervolume per method and metric (over the target + unseen configs, definition beside
                       it), gaps vs ``report.baseline`` and coalora vs every method, quantization damage and
                       recovery, seen vs unseen, compute (config-steps, seconds) and the cost to serve K configs
@@ -31,13 +31,13 @@ DVC_METRICS = ("acc_mean", "ppl")
 PLOT_METHODS = ("none", *TRAIN_METHODS)
 
 
-def run(params: Params, ctx: StageContext) -> dict:
+def write_report(params: Params, ctx: StageContext) -> dict:
     """The stage function (module docstring); returns the claims' verdicts and the headline numbers."""
     from coalora.evaluate.bootstrap import Resampler
     from coalora.evaluate.claims import build_claims, check_claims
     from coalora.evaluate.items import FILE, read_items
-    from coalora.evaluate.report import markdown, write_dvc_files, write_plots
-    from coalora.evaluate.summary import Stats, flat_metrics, summarise
+    from coalora.evaluate.render import markdown, write_dvc_files, write_plots
+    from coalora.evaluate.statistics import Stats, flat_metrics, summarise
     from coalora.evaluate.table import read_table
 
     p = params.report
@@ -72,7 +72,7 @@ def dvc_plots() -> list[dict]:
 
 STAGE = Stage(
     name="report",
-    fn=run,
+    fn=write_report,
     params=("report",),
     deps=("train", "evaluate"),
     metrics=(METRICS,),

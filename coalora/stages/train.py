@@ -52,7 +52,7 @@ def method_work(ctx: StageContext, params: Params, method: str) -> Path:
     return work
 
 
-def run(params: Params, ctx: StageContext) -> dict:
+def train_methods(params: Params, ctx: StageContext) -> dict:
     """Train every method of ``train.methods``; returns the summary."""
     from coalora.model.load import load_base
     from coalora.space import quantized_layers
@@ -104,7 +104,7 @@ def _line(r: dict) -> str:
 
 STAGE = Stage(
     name="train",
-    fn=run,
+    fn=train_methods,
     params=("seed", "quant", "lora", "train", "search"),
     deps=("data", "base_model", "allocate"),
     metrics=(METRICS,),
