@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from coalora.allocate import allocate_budget
-from coalora.calibrate import cost_tables, fisher_diagonals, layer_costs
+from coalora.calibrate.costs import cost_tables, layer_costs
+from coalora.calibrate.fisher import fisher_diagonals
 from coalora.quant import all_specs, dequantize_parts, quantize_parts
 from coalora.space import model_weights, quantized_layers
 

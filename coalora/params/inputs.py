@@ -134,7 +134,7 @@ class CalibrateParams(Section):
     """Base quantization calibration: empirical Fisher diagonals and the per-(layer, spec) cost table.
 
     ``sample_weights``: None computes every (layer, spec) cost exactly, in time ∝ parameters × 432; a number
-    s estimates each layer's costs from ~s of its weights (``coalora.calibrate.layer_costs``), in time
+    s estimates each layer's costs from ~s of its weights (``coalora.calibrate.costs.layer_costs``), in time
     ∝ parameters × ~1 (the scales of every block) + layers × s × 432.
     """
 

@@ -12,10 +12,14 @@ Reads the base model (``base_model``) and the fine-tuning text (``data``); write
 from __future__ import annotations
 
 import logging
+import time
+from typing import Callable
 
 from coalora import parallel
 from coalora.artifacts import read_jsonl
-from coalora.calibrate import FISHER_FILE, CostTable, calibration_sequences, cost_tables, fisher_diagonals, timed
+from coalora.calibrate.costs import cost_tables
+from coalora.calibrate.fisher import calibration_sequences, fisher_diagonals
+from coalora.calibrate.table import FISHER_FILE, CostTable
 from coalora.data import layout
 from coalora.params import Params
 from coalora.quant import all_specs
@@ -23,6 +27,14 @@ from coalora.space import quantized_layers
 from coalora.stages.core import Stage, StageContext
 
 log = logging.getLogger("coalora.stages.calibrate")
+
+
+
+def timed(fn: Callable, *args, **kwargs):
+    """(result, seconds) of one call."""
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - started
 
 
 def calibrate_costs(params: Params, ctx: StageContext) -> dict:
