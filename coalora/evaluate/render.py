@@ -12,12 +12,10 @@ matplotlib is imported inside the figure functions with the Agg backend (no disp
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Sequence
 
-from coalora.artifacts import write_text_atomic
+from coalora.artifacts import write_csv
 from coalora.evaluate.plan import FULL, NONE
 from coalora.evaluate.table import metric_value
 
@@ -38,15 +36,10 @@ def dvc_columns(metrics: Sequence[str]) -> list[str]:
     return list(DVC_COLUMNS_HEAD) + list(metrics)
 
 
-def dvc_csv(rows: Sequence[dict], metrics: Sequence[str]) -> str:
-    """One method's rows sorted by bits: bits, set, config id, then each metric."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(dvc_columns(metrics))
-    for r in sorted(rows, key=lambda r: (r["bits"], r["config_id"])):
-        writer.writerow([round(r["bits"], 6), r["set"], r["config_id"]]
-                        + [round(metric_value(r, m), 6) for m in metrics])
-    return buffer.getvalue()
+def dvc_rows(rows: Sequence[dict], metrics: Sequence[str]) -> list[list]:
+    """One method's rows sorted by bits, in ``dvc_columns`` order: bits, set, config id, then each metric."""
+    return [[round(r["bits"], 6), r["set"], r["config_id"]] + [round(metric_value(r, m), 6) for m in metrics]
+            for r in sorted(rows, key=lambda r: (r["bits"], r["config_id"]))]
 
 
 def write_dvc_files(out: Path, rows: Sequence[dict], metrics: Sequence[str], methods: Sequence[str]) -> list[str]:
@@ -55,7 +48,7 @@ def write_dvc_files(out: Path, rows: Sequence[dict], metrics: Sequence[str], met
     written = []
     for method in methods:
         rel = f"{DVC_DIR}/{method}.csv"
-        write_text_atomic(out / rel, dvc_csv([r for r in rows if r["method"] == method], metrics))
+        write_csv(out / rel, dvc_columns(metrics), dvc_rows([r for r in rows if r["method"] == method], metrics))
         written.append(rel)
     return written
 

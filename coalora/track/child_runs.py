@@ -21,6 +21,7 @@ from coalora import interrupt
 from coalora.artifacts import MANIFEST, RECORD
 from coalora.figures import (METHOD_SERIES, Point, is_number, lower_is_better, pareto_figure, pyplot,
                                    rounds_figure)
+from coalora.trained import LOSS_CSV, TRAIN_JSON
 from coalora.track.store import flatten, log_metrics, log_params, log_series, numbers, read_json_or_none
 
 log = logging.getLogger("coalora.track")
@@ -183,7 +184,7 @@ def log_stage(client, exp_id: str, parent_id: str, stage, params, root: Path,
 
 def log_method(client, exp_id: str, parent_id: str, method: str, folder: Path) -> str:
     """A training method's run: params, final metrics, loss curve, search rounds, adapter files."""
-    record = read_json_or_none(folder / "train.json") or {}
+    record = read_json_or_none(folder / TRAIN_JSON) or {}
     run = client.create_run(exp_id, run_name=f"train/{method}", tags={
         "mlflow.parentRunId": parent_id, "coalora.kind": "method", "coalora.method": method,
         "mlflow.note.content": str(record.get("description", ""))})
@@ -193,15 +194,15 @@ def log_method(client, exp_id: str, parent_id: str, method: str, folder: Path) -
         isinstance(v, (str, int, bool)) or v is None or k in ("train", "budget", "target_bits", "k"))}
     log_params(client, run_id, flatten(settings))
     log_metrics(client, run_id, {k: float(record[k]) for k in METHOD_METRICS if is_number(record.get(k))})
-    if (folder / "loss.csv").is_file():
-        rows = read_csv(folder / "loss.csv")
+    if (folder / LOSS_CSV).is_file():
+        rows = read_csv(folder / LOSS_CSV)
         log_series(client, run_id, "loss", [(int(r["step"]), r["loss"]) for r in rows
                                             if is_number(r.get("step")) and is_number(r.get("loss"))])
-        client.log_artifact(run_id, str(folder / "loss.csv"))
+        client.log_artifact(run_id, str(folder / LOSS_CSV))
     if record.get("rounds"):
         log_rounds(client, run_id, method, record["rounds"], folder)
     log_adapters(client, run_id, folder)
-    client.log_artifact(run_id, str(folder / "train.json"))
+    client.log_artifact(run_id, str(folder / TRAIN_JSON))
     client.set_terminated(run_id, "FINISHED")
     return run_id
 

@@ -262,12 +262,12 @@ LAST_TRACKED = "tracked.json"
 
 def fingerprint(root: Path | str, names: list[str]) -> str:
     """Identity of the results a run would log: each stage's key (``stage.json``) and the tracking store."""
-    from coalora.artifacts import RECORD, content_id
+    from coalora.artifacts import ARTIFACTS, RECORD, content_id
 
     root = Path(root)
     keys = {}
     for name in names:
-        record = root / "artifacts" / name / RECORD
+        record = root / ARTIFACTS / name / RECORD
         keys[name] = (read_json_or_none(record) or {}).get("key") if record.is_file() else None
     return content_id({"stages": keys, "tracking_uri": tracking_uri(root)})
 
