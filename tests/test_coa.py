@@ -1,4 +1,7 @@
-"""CoA-LoRA: θ, the layer, configuration switching, gradients, LQ-LoRA init, and folding into peft."""
+"""CoA-LoRA: θ, the layer, configuration switching, gradients, LQ-LoRA init, and folding into peft.
+
+Why one file of ~435 lines: these are the tests of one class (``coalora.model.coa.CoAModel``) and its layer,
+all built on the same tiny-model helpers at the top; each section below is one behaviour of it."""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 A tiny Llama (hidden 32, 2 blocks, vocabulary 100) built from a config, a character tokenizer and a few
 lines of text: each method trains for a handful of steps in well under a second per step.
+
+Why one file of ~430 lines: every test trains through the same tiny set-up at the top (model, tokenizer,
+text, params); splitting would copy it or move it into a shared module for one reader.
 """
 
 from __future__ import annotations
