@@ -78,7 +78,7 @@ def make_project(root: Path, spec: dict) -> dict:
     import torch
 
     from coalora.artifacts import atomic_folder, write_json
-    from coalora.calibrate.table import CostTable
+    from coalora.calibrate.cost_table import CostTable
     from coalora.model.adapter import save_adapter
     from coalora.model.coa import CoAModel
     from coalora.params import ConfigNetParams, LoraParams

@@ -35,7 +35,7 @@ import torch
 
 from coalora.allocate import solve_budget
 from coalora.artifacts import ARTIFACTS, atomic_folder, verify_manifest, write_json
-from coalora.calibrate.table import CostTable
+from coalora.calibrate.cost_table import CostTable
 from coalora.errors import UserError
 from coalora.model.adapter import TrainedAdapter, parse_adapter, read_adapter
 from coalora.model.export import (CONFIG_FILE, INDEX, dense_weights, fold_config, peft_config, quantize_weights,

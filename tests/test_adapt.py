@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from coalora.artifacts import atomic_folder, write_json
-from coalora.calibrate.table import CostTable
+from coalora.calibrate.cost_table import CostTable
 from coalora.cli import main
 from coalora.model.adapter import save_adapter
 from coalora.model.coa import CoAModel

@@ -13,7 +13,7 @@ import torch
 from coalora.allocate import (Relaxation, allocate_budget, budget_range, config_bits, pareto_options,
                               random_at_budget, solve_budget)
 from coalora.artifacts import read_json
-from coalora.calibrate.table import CostTable
+from coalora.calibrate.cost_table import CostTable
 from coalora.errors import UserError
 from coalora.params import load_params
 from coalora.quant import all_specs

@@ -10,7 +10,7 @@ from coalora.artifacts import read_json, write_json, write_jsonl
 from coalora.allocate import allocate_budget
 from coalora.calibrate.costs import SEGMENT, cost_tables, layer_costs, sample_segments, segment_blocks, spec_plan
 from coalora.calibrate.fisher import calibration_sequences, fisher_diagonals
-from coalora.calibrate.table import CostTable
+from coalora.calibrate.cost_table import CostTable
 from coalora.errors import ArtifactError, ParamsError, UserError
 from coalora.params import load_params
 from coalora.quant import QLORA_SPEC, QuantSpec, all_specs, fake_quantize, quantization_error, quantize_parts

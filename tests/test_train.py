@@ -23,7 +23,7 @@ from coalora.quant import QuantSpec
 from coalora.space import config_from_rules, quantized_layers
 from coalora.train import METHODS, TrainSetup, Trainer, target_set, train_method
 from coalora.train.batches import IGNORE, instruct_table, text_batches, text_windows
-from coalora.model.bnb import skip_reason
+from coalora.model.bnb_lora import skip_reason
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORDS = "the cat sat on a mat and the dog ran to the red ball while a bird sang in the old tree".split()

@@ -65,7 +65,7 @@ def load_config(job: Job, inputs: RowInputs, layers):
     from coalora.space import Config
 
     if job.config.stage == UNIFORM:
-        from coalora.model.bnb import uniform_config
+        from coalora.model.bnb_lora import uniform_config
 
         config = uniform_config(layers)
     else:

@@ -1,11 +1,12 @@
 """Base models: the built-in tokenizer and Llama, and loading of hub / local / base-stage models; and the
 models built on them:
 
-    coa       CoAModel: CoA-LoRA layers on fake-quantized weights, θ, configuration switching
-    bnb       peft LoRA on bitsandbytes NF4 (the classic QLoRA reference point)
-    rebuild   one way to build a method's model (fresh or from its adapter), dispatching per backend
-    adapter   the adapter file (write, read, header, split into A, B, θ)
-    export    the deployment files: the folded peft adapter, the quantized model folder
+    coa           CoAModel: CoA-LoRA layers on fake-quantized weights, θ, configuration switching
+    weight_cache  the LRU of quantized weights per (layer, spec) that makes switching cheap
+    bnb_lora      peft LoRA on bitsandbytes NF4 (the classic QLoRA reference point)
+    rebuild       one way to build a method's model (fresh or from its adapter), dispatching per backend
+    adapter       the adapter file (write, read, header, split into A, B, θ)
+    export        the deployment files: the folded peft adapter, the quantized model folder
 
 Light to import: transformers and tokenizers are imported inside the functions that use them.
 """

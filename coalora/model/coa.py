@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coalora.model.cache import WeightCache
+from coalora.model.weight_cache import WeightCache
 from coalora.model.confignet import ConfigNet, block_index, load_exact, spec_field_tensor, vocabulary
 from coalora.quant import fake_quantize
 from coalora.threads import serial_below

@@ -9,7 +9,7 @@ file carries, which model serves it under a config, and why it cannot run here (
 
     coa  CoAModel(base, layers, θ if ``confignet``): NF-k double-quantized weights, any config; served merged,
          every layer W̃ + (α/r)·B·U·A (``CoAModel.merged``)
-    bnb  peft LoRA on bitsandbytes NF4 layers (``coalora.model.bnb``): the uniform QLoRA config only; served
+    bnb  peft LoRA on bitsandbytes NF4 layers (``coalora.model.bnb_lora``): the uniform QLoRA config only; served
          as peft's model
 
 Init (:func:`start`): ``svd`` is LQ-LoRA's — A, B from the seeded rank-r SVD of W and the residual
@@ -97,7 +97,7 @@ def _coa_serve(model, config: "Config"):
 
 
 def _bnb_build(base, layers: "Layers", lora: "LoraParams", recipe: Recipe):
-    from coalora.model.bnb import BnbLoraModel
+    from coalora.model.bnb_lora import BnbLoraModel
 
     return BnbLoraModel(base, layers, lora)  # quantizes to NF4 on construction
 
@@ -108,7 +108,7 @@ def _bnb_serve(model, config: "Config"):
 
 
 def _bnb_unavailable() -> str | None:
-    from coalora.model.bnb import skip_reason
+    from coalora.model.bnb_lora import skip_reason
 
     return skip_reason()
 

@@ -5,11 +5,11 @@ in the same schema, merged over params.yaml before validation; ``smoke`` is the 
 tests and quick tries. Every error names the key path (``train.lr``) and what is allowed, and nothing is
 written before params validate.
 
-    base     Section (no unknown keys, no silent coercion) and the bits range of any budget
-    inputs   world, data, model, eval protocol, quant, calibrate, allocate
-    methods  lora, train, search, evaluate, report, study
-    schema   Params, the whole file
-    files    reading params.yaml and profiles, validation messages
+    base        Section (no unknown keys, no silent coercion) and the bits range of any budget
+    inputs      world, data, model, eval protocol, quant, calibrate, allocate
+    experiment  lora, train, search, evaluate, report, study
+    schema      Params, the whole file
+    files       reading params.yaml and profiles, validation messages
 """
 
 from coalora.params.base import MAX_BITS, MIN_BITS, Section
@@ -17,7 +17,7 @@ from coalora.params.files import deep_merge, dump_params, load_params, profile_p
 from coalora.params.inputs import (BENCHMARKS, BUILTIN_MODEL, AllocateParams, BuiltinModelParams,
                                    CalibrateParams, DataParams, EvalParams, HubDataset, ModelParams,
                                    PackagedParams, PerplexityParams, QuantParams, UnseenParams, WorldParams)
-from coalora.params.methods import (TRAIN_METHODS, BootstrapParams, ClaimsParams, ConfigNetParams,
+from coalora.params.experiment import (TRAIN_METHODS, BootstrapParams, ClaimsParams, ConfigNetParams,
                                     EvaluateParams, HvAccuracy, HvParams, HvPerplexity, LoraParams,
                                     ReportParams, SearchParams, StudyParams, TrainParams)
 from coalora.params.schema import Params

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from coalora.params.base import Section
 from coalora.params.inputs import (AllocateParams, CalibrateParams, DataParams, EvalParams, ModelParams,
                                    QuantParams, WorldParams)
-from coalora.params.methods import (EvaluateParams, LoraParams, ReportParams, SearchParams, StudyParams,
+from coalora.params.experiment import (EvaluateParams, LoraParams, ReportParams, SearchParams, StudyParams,
                                     TrainParams)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from coalora import interrupt
 from coalora.allocate import allocate_budget, budget_range, random_at_budget
 from coalora.artifacts import write_csv
-from coalora.calibrate.table import CostTable
+from coalora.calibrate.cost_table import CostTable
 from coalora.errors import UserError
 from coalora.params import Params
 from coalora.space import SPEC_INDEX, Config

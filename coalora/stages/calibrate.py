@@ -19,7 +19,7 @@ from coalora import parallel
 from coalora.artifacts import read_jsonl
 from coalora.calibrate.costs import cost_tables
 from coalora.calibrate.fisher import calibration_sequences, fisher_diagonals
-from coalora.calibrate.table import FISHER_FILE, CostTable
+from coalora.calibrate.cost_table import FISHER_FILE, CostTable
 from coalora.data import layout
 from coalora.params import Params
 from coalora.quant import all_specs

@@ -123,7 +123,7 @@ def run_plan(method: Method, setup: TrainSetup) -> list[tuple[str, list[Config],
         sample = setup.pool if method.sample_from == "pool" else setup.targets
         return [(JOINT, list(sample), list(setup.targets))]
     if method.runs == "uniform":
-        from coalora.model.bnb import uniform_config
+        from coalora.model.bnb_lora import uniform_config
 
         config = uniform_config(setup.layers)
         return [(config.id, [config], [config])]

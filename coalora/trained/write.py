@@ -69,7 +69,7 @@ def _known_configs(result, setup) -> dict:
 
     known = {c.id: c for c in [*setup.pool, *setup.targets]}
     if result.method.runs == "uniform":
-        from coalora.model.bnb import uniform_config
+        from coalora.model.bnb_lora import uniform_config
 
         uniform = uniform_config(setup.layers)
         known[uniform.id] = uniform
