@@ -63,6 +63,9 @@ def front_indices(xs: list[float], ys: list[float], lower_better: bool) -> list[
     return sorted((i for i in range(len(xs)) if keep[i]), key=lambda i: (xs[i], sign * ys[i]))
 
 
+LOG_SPAN = 100.0  # max / min of a figure's values beyond which its y axis is logarithmic
+
+
 def pareto_figure(points: Sequence[Point], label: str, lower_better: bool, *, full: str | None = None,
                   baseline: str | None = None):
     """``label`` vs bits, one colour per method, each method's front drawn as a step line.
@@ -77,7 +80,9 @@ def pareto_figure(points: Sequence[Point], label: str, lower_better: bool, *, fu
 
     Row kinds: target filled circles, seen filled squares, unseen hollow circles, reference diamonds. A
     marker size per method, earlier methods larger: methods that score the same config alike (common on
-    small models) stay visible instead of hiding under the last one drawn.
+    small models) stay visible instead of hiding under the last one drawn. The y axis is logarithmic when
+    the values are positive and span more than ``LOG_SPAN`` (a 2-bit config's perplexity can be 10⁶ times
+    full precision's: on a linear axis every other row would sit on zero).
     """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6), dpi=100)
@@ -103,8 +108,12 @@ def pareto_figure(points: Sequence[Point], label: str, lower_better: bool, *, fu
     for kind in kinds:  # legend entries for the row kinds: grey markers, no data
         marker, filled = MARKERS.get(kind, OTHER_KIND)
         ax.scatter([], [], marker=marker, facecolors="grey" if filled else "none", edgecolors="grey", label=kind)
+    values = [p.value for p in points]
+    log_axis = bool(values) and min(values) > 0 and max(values) > LOG_SPAN * min(values)
+    if log_axis:
+        ax.set_yscale("log")
     ax.set_xlabel("average bits per parameter")
-    ax.set_ylabel(f"{label} ({'lower' if lower_better else 'higher'} is better)")
+    ax.set_ylabel(f"{label} ({'lower' if lower_better else 'higher'} is better{', log scale' if log_axis else ''})")
     ax.set_title(f"Pareto front: {label} vs bits", fontsize=9)
     ax.grid(alpha=0.3)
     if points:

@@ -112,3 +112,17 @@ def test_bad_evaluate_and_report_params_name_the_key(repo_root, section, value, 
     raw = deep_merge(yaml.safe_load((repo_root / "params.yaml").read_text()), {section: value})
     with pytest.raises(ParamsError, match=message.replace(".", r"\.")):
         validate(raw)
+
+
+@pytest.mark.parametrize("values, scale", [((25.9, 56.9, 2.1e7), "log"), ((25.9, 56.9, 31.7), "linear"),
+                                           ((-0.5, 0.4, 0.6), "linear")])
+def test_the_pareto_figure_goes_logarithmic_when_values_span_decades(values, scale):
+    """A 2.5-bit perplexity of 2·10⁷ beside full precision's 26 (the real run): on a linear axis every other
+    row sits on zero, so a figure whose positive values span more than LOG_SPAN gets a log y axis."""
+    from coalora.figures import Point, pareto_figure
+
+    points = [Point("m", "target", bits, value) for bits, value in zip((2.5, 3.2, 4.1), values)]
+    fig = pareto_figure(points, "ppl", lower_better=True)
+    axis = fig.axes[0]
+    assert axis.get_yscale() == scale
+    assert ("log scale" in axis.get_ylabel()) == (scale == "log")
