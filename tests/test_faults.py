@@ -107,6 +107,9 @@ def test_cli_stops_with_exit_2_while_another_run_holds_the_project(repo_root, tm
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_is_raised_at_the_next_check_with_its_exit_status(signum, code):
+    # The handler there before (Python's default_int_handler, or SIG_IGN when the test run was started in the
+    # background by a non-interactive shell) is the one handling() must put back.
+    before = signal.getsignal(signal.SIGINT)
     steps = 0
     with interrupt.handling():
         with pytest.raises(interrupt.Interrupted) as caught:
@@ -116,7 +119,7 @@ def test_a_signal_is_raised_at_the_next_check_with_its_exit_status(signum, code)
                 if steps == 3:
                     os.kill(os.getpid(), signum)
     assert steps == 3 and caught.value.exit_code == code
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     with interrupt.handling():  # a new command starts afresh
         interrupt.check()
     logging.disable(logging.NOTSET)
