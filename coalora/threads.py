@@ -74,15 +74,10 @@ def one_torch_thread() -> Iterator[None]:
 
 @contextlib.contextmanager
 def serial_below(numel: int, threshold: int = SERIAL_NUMEL) -> Iterator[None]:
-    """Run the block on one intra-op thread when ``numel < threshold`` (then restore the thread count)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if numel >= threshold or threads == 1:
+    """Run the block on one intra-op thread when ``numel < threshold`` (then restore the thread count, after
+    the last of overlapping blocks, as :func:`one_torch_thread` does)."""
+    if numel >= threshold:
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with _ONE_THREAD:
         yield
-    finally:
-        torch.set_num_threads(threads)
